@@ -1,0 +1,42 @@
+# Two entry points: `make demo` and `make test`. Both build .venv first.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test export-check nbtest pytest clean
+
+# Install order matters: CPU torch first (a plain `torch` would pull a CUDA
+# build), then the locked set, then this package (editable, nothing new).
+$(BIN)/.installed: settings.ini setup.py requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet pip==26.3
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements-lock.txt
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(BIN)/pip check
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m prompt_tuning_nb.demo --out_dir experiments/out/demo
+
+test: install export-check nbtest pytest
+
+export-check:
+	$(BIN)/nbdev_export
+	@if [ -n "$$(git status --porcelain -- prompt_tuning_nb)" ]; then \
+	  echo "nbdev_export changed the exported library: export the notebooks and commit both"; \
+	  git status --porcelain -- prompt_tuning_nb; exit 1; fi
+
+nbtest:
+	$(BIN)/nbdev_test --n_workers 1 --do_print --flags slow
+
+pytest:
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
