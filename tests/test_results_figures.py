@@ -1,0 +1,216 @@
+"""The results store under concurrent writers, figures that plot the store's numbers, and the figures notebook."""
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prompt_tuning_nb.results import ResultsStore, ResultsStoreError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def figures():
+    """`prompt_tuning_nb.figures`, imported lazily: the spawned writer processes import this file and need only the store."""
+    from prompt_tuning_nb import figures
+    return figures
+WRITERS, ROWS_EACH = 6, 30
+
+
+def _row(**overrides) -> dict:
+    row = dict(experiment="scale", size="mini_s", method="prompt_tuning", task="movie_polarity", seed=0, steps=10,
+               wall_time=0.5, num_params=1000, metrics={"accuracy": 0.5}, params={"prompt_length": 100})
+    return {**row, **overrides}
+
+
+def _write(path: str, writer: int, start, batch: bool):
+    """One writer process: open (maybe create) the store at the same moment as the others, then append."""
+    start.wait()
+    store = ResultsStore(path)
+    rows = [_row(seed=writer * 1000 + i, metrics={"accuracy": i / ROWS_EACH}) for i in range(ROWS_EACH)]
+    if batch:
+        store.add_many(rows)  # one transaction
+    else:
+        for row in rows:  # one transaction per row
+            store.add(**row)
+
+
+def _read(path: str, start):
+    """A reader polling while the writers write: the count never goes down."""
+    start.wait()
+    counts = []
+    for _ in range(50):
+        try:
+            counts.append(len(ResultsStore(path, create=False)))
+        except ResultsStoreError:  # not created yet
+            pass
+    assert counts == sorted(counts), counts  # a failure shows as a non-zero exit code
+
+
+def test_concurrent_writers_lose_no_row(tmp_path):
+    path = str(tmp_path / "sub" / "results.sqlite")  # created by the racing writers themselves
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX threads
+    start = context.Barrier(WRITERS + 1)
+    processes = [context.Process(target=_write, args=(path, w, start, w % 2 == 0)) for w in range(WRITERS)]
+    processes.append(context.Process(target=_read, args=(path, start)))
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0] * (WRITERS + 1)
+    store = ResultsStore(path, create=False)
+    assert len(store) == WRITERS * ROWS_EACH
+    seeds = sorted(row["seed"] for row in store.rows())
+    assert seeds == sorted(w * 1000 + i for w in range(WRITERS) for i in range(ROWS_EACH))
+    batch_sizes = {len(store.rows(seed=[w * 1000 + i for i in range(ROWS_EACH)])) for w in range(0, WRITERS, 2)}
+    assert batch_sizes == {ROWS_EACH}
+    assert store._fetch("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_bad_paths_are_one_line_errors_and_write_nothing(tmp_path, figures):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder nobody can write (not even root)")
+    for path in (Path("/proc/results.sqlite"), Path("/proc/no/such/results.sqlite")):
+        with pytest.raises(ResultsStoreError) as error:
+            ResultsStore(path)
+        assert "\n" not in str(error.value) and str(path) in str(error.value)
+        assert not path.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ResultsStoreError, match="cannot create the folder"):
+        ResultsStore(tmp_path / "file" / "results.sqlite")
+    with pytest.raises(ResultsStoreError, match="no results store at"):
+        figures.plot_scale(tmp_path / "missing.sqlite", tmp_path / "figures")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+    store = ResultsStore(tmp_path / "results.sqlite")
+    store.add(**_row())
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        store.add_many([_row(seed=1), _row(seed=2, steps=-1)])
+    assert len(store) == 1
+    with pytest.raises(OSError, match="cannot write figure 'scale'") as error:
+        figures.plot_scale(store, "/proc/figures")
+    assert "\n" not in str(error.value)
+
+
+def _known_store(path: Path) -> tuple:
+    """A store of random scores, and the expected points computed here from the rows written (not read back)."""
+    rng = np.random.default_rng(0)
+    sizes = {"mini_xs": 1_300_000, "mini_s": 3_900_000, "mini_m": 15_000_000, "base": 247_577_856}
+    rows, expected = [], {}
+    for method, seeds, extra in (("model_tuning", 3, {}), ("prompt_tuning", 3, {"prompt_length": 100, "init": "class_label"}),
+                                 ("prompt_design", 1, {"prompt": "Review: {text}"})):
+        for size, n in sizes.items():
+            per_seed = []
+            for seed in range(seeds):
+                scores = rng.uniform(0.4, 0.95, size=3)
+                per_seed.append(scores.mean())
+                rows += [_row(size=size, num_params=n, method=method, task=task, seed=seed, params=extra,
+                              metrics={"accuracy": float(score), "auc": float(1 - score)})
+                         for task, score in zip(("movie_polarity", "spam", "trec"), scores)]
+            expected.setdefault(method, []).append((n, np.mean(per_seed), np.std(per_seed, ddof=1) if seeds > 1 else 0))
+    for length in (1, 20, 150):  # an ablation on the same store: it must not change Figure 1
+        for size, n in sizes.items():
+            for task in ("movie_polarity", "spam", "trec"):
+                score = float(rng.uniform(0.4, 0.95))
+                rows.append(_row(size=size, num_params=n, task=task, params={"prompt_length": length, "init": "class_label"},
+                                 metrics={"accuracy": score}))
+                expected.setdefault(length, {}).setdefault(n, []).append(score)
+    store = ResultsStore(path)
+    store.add_many(rows)
+    return store, expected
+
+
+def test_figure_points_are_the_stores_numbers(tmp_path, figures):
+    store, expected = _known_store(tmp_path / "results.sqlite")
+    fig, data = figures.plot_scale(tmp_path / "results.sqlite", tmp_path / "figures")
+    ax = fig.axes[0]
+    drawn = {container.get_label(): container for container in ax.containers}
+    for method, points in ((m, expected[m]) for m in ("model_tuning", "prompt_tuning", "prompt_design")):
+        x, y, spread = map(list, zip(*points))
+        line = drawn[figures.METHODS[method]].lines[0]  # the Line2D of the errorbar container
+        np.testing.assert_allclose(np.asarray(line.get_xdata(), dtype=float), x)  # errorbar keeps object arrays
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), y, rtol=1e-12)
+        np.testing.assert_allclose(data["lines"][method]["yerr"], spread, rtol=1e-12)
+        if method != "prompt_design":  # error bars: segments from y - std to y + std
+            segments = drawn[figures.METHODS[method]].lines[2][0].get_segments()
+            np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments], 2 * np.array(spread), rtol=1e-9)
+        else:
+            assert drawn[figures.METHODS[method]].has_yerr is False
+    assert ax.get_xscale() == "log"
+    assert {p.name for p in data["files"]} == {"scale.png", "scale.svg"}
+    assert (tmp_path / "figures" / "scale.svg").read_text().lstrip().startswith("<?xml")
+
+    fig, data = figures.plot_scale(store, None, metric="auc")  # another metric, same rows
+    np.testing.assert_allclose(data["lines"]["model_tuning"]["y"], [1 - y for _, y, _ in expected["model_tuning"]])
+
+    fig, data = figures.plot_prompt_length(store, None)
+    assert list(data["lines"]) == [1, 20, 100, 150]
+    for length in (1, 20, 150):
+        np.testing.assert_allclose(data["lines"][length]["y"], [np.mean(v) for v in expected[length].values()])
+    np.testing.assert_allclose(data["lines"][100]["y"], [y for _, y, _ in expected["prompt_tuning"]])
+    with pytest.raises(figures.MissingResults, match="init ablation"):
+        figures.plot_init(store, None)  # one init only
+
+
+def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
+    store = figures.example_store(tmp_path / "results.sqlite")
+    rows = store.rows(experiment="recycling")
+    baseline = {}
+    for row in rows:
+        if row["method"] in ("zero_shot", "random_prompt"):
+            key = (row["size"], row["task"])
+            baseline[key] = max(baseline.get(key, 0), row["metrics"]["accuracy"])
+    fig, data = figures.plot_recycling(store, tmp_path / "figures")
+    for recycler, bar in zip(figures.RECYCLERS, fig.axes[0].patches):
+        mine = [r for r in rows if r["method"] == recycler]
+        rate = np.mean([r["metrics"]["accuracy"] > baseline[r["size"], r["task"]] for r in mine])
+        assert bar.get_height() == pytest.approx(rate)
+    assert (tmp_path / "figures" / "recycling.md").read_text().startswith("| recycler |")
+
+
+def _execute(tmp_path: Path, results_db: Path, out_dir: Path) -> dict:
+    papermill = pytest.importorskip("papermill")
+    from jupyter_client.kernelspec import KernelSpecManager
+    KernelSpecManager().get_kernel_spec("python3")  # shipped by ipykernel in the venv's share/jupyter
+    output = tmp_path / "figures_out.ipynb"
+    try:
+        papermill.execute_notebook(str(REPO / "experiments" / "figures.ipynb"), str(output), kernel_name="python3",
+                                   parameters={"results_db": str(results_db), "out_dir": str(out_dir)},
+                                   cwd=str(tmp_path), progress_bar=False)
+    finally:
+        executed = json.loads(output.read_text()) if output.exists() else None
+    return executed
+
+
+def _stdout(notebook: dict) -> str:
+    texts = [output.get("text", "") for cell in notebook["cells"] for output in cell.get("outputs", [])
+             if output.get("output_type") == "stream"]
+    return "".join("".join(text) if isinstance(text, list) else text for text in texts)
+
+
+def test_figures_notebook_through_papermill(tmp_path, figures):
+    example = figures.example_store(tmp_path / "example.sqlite")
+    small = ResultsStore(tmp_path / "results.sqlite")  # the scale and recycling rows only: the SPoT figures skip
+    small.add_many([{k: v for k, v in row.items() if k != "id"} for row in example.rows(experiment=["scale", "recycling"])])
+    executed = _execute(tmp_path, tmp_path / "results.sqlite", tmp_path / "figures")
+    drawn = {"scale", "prompt_length", "init", "recycling"}
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == \
+        {f"{name}.{ext}" for name in drawn for ext in ("png", "svg")} | {"recycling.md"}
+    printed = _stdout(executed)
+    assert "skipped spot: no rows" in printed and "skipped spot_similarity: no task_similarity rows" in printed
+    assert "4 of 6 figures drawn" in printed
+    images = [o for cell in executed["cells"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == len(drawn)
+    assert len(ResultsStore(tmp_path / "results.sqlite", create=False)) == len(small)  # read only
+
+
+def test_figures_notebook_missing_store_is_one_line(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        _execute(tmp_path, tmp_path / "nowhere.sqlite", tmp_path / "figures")
+    assert error.value.ename == "ResultsStoreError" and "no results store at" in error.value.evalue
+    assert "\n" not in error.value.evalue
+    assert not (tmp_path / "figures").exists() and not (tmp_path / "nowhere.sqlite").exists()
