@@ -6,7 +6,7 @@ PYTHON ?= python3
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test export-check nbtest pytest clean
+.PHONY: install demo pretrain test export-check nbtest pytest clean
 
 # Install order matters: CPU torch first (a plain `torch` would pull a CUDA
 # build), then the locked set, then this package (editable, nothing new).
@@ -21,8 +21,17 @@ $(BIN)/.installed: settings.ini setup.py requirements-lock.txt
 
 install: $(BIN)/.installed
 
+# The main job: the miniature scale ladder (pretraining the zoo on first use), then every figure.
 demo: install
-	$(BIN)/python -m prompt_tuning_nb.demo --out_dir experiments/out/demo
+	mkdir -p experiments/out
+	$(BIN)/papermill experiments/scale.ipynb experiments/out/scale.ipynb --cwd .
+	$(BIN)/papermill experiments/figures.ipynb experiments/out/figures.ipynb --cwd .
+	@echo "Figure 1 (miniature scale): experiments/figures/scale.png (this run: experiments/out/scale/scale.png)"
+
+# Build (or resume) the zoo; FACTOR=8 pretrains eight times longer, for hours.
+FACTOR ?= 1
+pretrain: install
+	$(BIN)/python -m prompt_tuning_nb.zoo --sizes mini_xs,mini_s,mini_m,mini_l --factor $(FACTOR)
 
 test: install export-check nbtest pytest
 

@@ -784,6 +784,7 @@ d = { 'settings': { 'branch': 'main',
                                       'prompt_tuning_nb.zoo._write_json': ('zoo.html#_write_json', 'prompt_tuning_nb/zoo.py'),
                                       'prompt_tuning_nb.zoo.encoder_use': ('zoo.html#encoder_use', 'prompt_tuning_nb/zoo.py'),
                                       'prompt_tuning_nb.zoo.longer': ('zoo.html#longer', 'prompt_tuning_nb/zoo.py'),
+                                      'prompt_tuning_nb.zoo.main': ('zoo.html#main', 'prompt_tuning_nb/zoo.py'),
                                       'prompt_tuning_nb.zoo.pretrained_model': ('zoo.html#pretrained_model', 'prompt_tuning_nb/zoo.py'),
                                       'prompt_tuning_nb.zoo.zoo_folder': ('zoo.html#zoo_folder', 'prompt_tuning_nb/zoo.py'),
                                       'prompt_tuning_nb.zoo.zoo_key': ('zoo.html#zoo_key', 'prompt_tuning_nb/zoo.py')}}}
