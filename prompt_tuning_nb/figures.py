@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_FIGURES', 'FORMATS', 'PAPER_SETTING', 'COLORS', 'SCALE_METHO
            'draw_lines', 'plot_scale', 'example_store', 'plot_prompt_length', 'plot_init', 'plot_spot',
            'plot_spot_similarity', 'recycling_table', 'format_table', 'plot_recycling', 'redraw_all']
 
-# %% ../nbs/51_figures.ipynb #8c2f64ec
+# %% ../nbs/51_figures.ipynb #8becbe3b
 import json
 import os
 import tempfile
@@ -20,9 +20,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from . import spot
 from .results import DEFAULT_DB, INITS, METHODS, ResultsStore, canonical_init, value
 
-# %% ../nbs/51_figures.ipynb #46a98805
+# %% ../nbs/51_figures.ipynb #2d352f95
 DEFAULT_FIGURES = Path("experiments/figures")  # relative to the working directory (the repository root)
 FORMATS = ("png", "svg")
 
@@ -61,7 +62,7 @@ def save_figure(fig: Figure,  # the figure
         raise OSError(f"cannot write figure {name!r} to {out_dir}: {error.strerror or error}") from None
     return paths
 
-# %% ../nbs/51_figures.ipynb #7aabbbfe
+# %% ../nbs/51_figures.ipynb #bf3b0acc
 PAPER_SETTING = {"prompt_length": 100, "init": "class_label"}  # preferred when two values are equally common
 
 
@@ -96,7 +97,7 @@ def one_setting(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
         setting[name] = json.loads(choice)
     return kept, setting
 
-# %% ../nbs/51_figures.ipynb #22b427d7
+# %% ../nbs/51_figures.ipynb #74bf72fc
 def score_lines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
                 line_of: Callable[[Mapping], object],  # row -> its line (a method, a prompt length, ...)
                 metric: str,  # the metric to plot
@@ -125,7 +126,7 @@ def score_lines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
         found[line] = dict(zip(("x", "sizes", "y", "yerr", "n_seeds", "tasks"), map(list, zip(*points))))
     return {"lines": found, "skipped": skipped}
 
-# %% ../nbs/51_figures.ipynb #f26bff7c
+# %% ../nbs/51_figures.ipynb #a9154cfe
 COLORS = {"model_tuning": "C1", "prompt_tuning": "C0", "prompt_design": "C2", "spot_mixture": "C4",
           "spot_retrieved": "C3"}
 
@@ -153,7 +154,7 @@ def draw_lines(ax,  # a matplotlib Axes
     ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/51_figures.ipynb #a6424540
+# %% ../nbs/51_figures.ipynb #cc2b090c
 SCALE_METHODS = ("model_tuning", "prompt_tuning", "prompt_design")
 
 
@@ -210,7 +211,7 @@ def plot_scale(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results
                                "Model tuning, prompt tuning and prompt design")
     return _saved(fig, data, out_dir, "scale")
 
-# %% ../nbs/51_figures.ipynb #693bd9d2
+# %% ../nbs/51_figures.ipynb #8a39c36d
 def example_store(path: str | os.PathLike,  # a new SQLite file
                   ) -> ResultsStore:
     "A small store with made-up rows for every figure (for examples and tests)."
@@ -259,7 +260,7 @@ def example_store(path: str | os.PathLike,  # a new SQLite file
     store.add_many(rows)
     return store
 
-# %% ../nbs/51_figures.ipynb #ea0b324a
+# %% ../nbs/51_figures.ipynb #38b360ba
 PROMPT_LENGTHS = (1, 5, 20, 100, 150)
 
 
@@ -313,7 +314,7 @@ def plot_init(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
                           task, split, fixed, "Prompt tuning by initialization")
     return _saved(fig, data, out_dir, "init")
 
-# %% ../nbs/51_figures.ipynb #8280dff9
+# %% ../nbs/51_figures.ipynb #81343030
 SPOT_METHODS = ("prompt_tuning", "spot_mixture", "spot_retrieved", "model_tuning")
 
 
@@ -330,7 +331,7 @@ def plot_spot(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
                                "Prompt tuning, SPoT and model tuning", tasks_from=("spot_mixture", "spot_retrieved"))
     return _saved(fig, data, out_dir, "spot")
 
-# %% ../nbs/51_figures.ipynb #90f2bdd9
+# %% ../nbs/51_figures.ipynb #9a7c8343
 def _mean_by(rows: Sequence[Mapping], key: Callable, metric: str) -> dict:
     "`{key(row): mean of metric}` over the rows that have it."
     groups = defaultdict(list)
@@ -355,15 +356,13 @@ def plot_spot_similarity(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # t
     if not similar:
         raise MissingResults(f"no task_similarity rows (measure {measure!r}{f', size {size!r}' if size else ''}) "
                              f"in experiment {experiment!r} of {store.path}")
-    try:
-        from prompt_tuning_nb import spot  # the heatmaps; imported here because it loads JAX
-    except ImportError as error:
-        raise MissingResults(f"the SPoT heatmaps need prompt_tuning_nb.spot, which does not import: {error}") from None
     size = size or max(similar, key=lambda row: (row["num_params"] or 0, row["size"]))["size"]
     similar = [row for row in similar if row["size"] == size]
     cosine = _mean_by(similar, lambda row: frozenset((row["task"], row["params"]["source"])), "cosine")
     names = list(dict.fromkeys(name for row in similar for name in (row["task"], row["params"]["source"])))
-    similarity = np.array([[1.0 if a == b else cosine.get(frozenset((a, b)), np.nan) for b in names] for a in names])
+    self_similarity = 1.0 if measure == "avg" else np.nan  # the token-pairs measure of a prompt with itself is not 1
+    similarity = np.array([[cosine.get(frozenset((a, b)), self_similarity if a == b else np.nan) for b in names]
+                           for a in names])
     data = {"size": size, "measure": measure, "names": names, "similarity": similarity, "metric": metric}
 
     scored = store.rows(experiment=experiment, method=["spot_transfer", "prompt_tuning"], size=size, split=split)
@@ -386,7 +385,7 @@ def plot_spot_similarity(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # t
         data.update(targets=targets, sources=sources, gains=gains, gain_scale=scale)
     return _saved(fig, data, out_dir, "spot_similarity")
 
-# %% ../nbs/51_figures.ipynb #9718824d
+# %% ../nbs/51_figures.ipynb #f631877a
 RECYCLERS = ("v2v-nn", "v2v-lin", "lin-comb")
 BASELINES = ("zero_shot", "random_prompt")
 _NOT_RECYCLERS = (*BASELINES, "prompt_tuning", "model_tuning", "prompt_design")
@@ -439,7 +438,7 @@ def format_table(table: Sequence[Mapping],  # rows of equal keys, e.g. `recyclin
     lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     return "\n".join(lines + ["| " + " | ".join(cell(row[n]) for n in names) + " |" for row in table]) + "\n"
 
-# %% ../nbs/51_figures.ipynb #88c4f809
+# %% ../nbs/51_figures.ipynb #e80f66bf
 def plot_recycling(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results store (must exist)
                    out_dir: str | os.PathLike | None = DEFAULT_FIGURES,  # where `recycling.{png,svg,md}` go; None: not saved
                    metric: str = "accuracy",  # the score
@@ -474,7 +473,7 @@ def plot_recycling(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the res
         data["files"].append(path)
     return fig, data
 
-# %% ../nbs/51_figures.ipynb #bf684e35
+# %% ../nbs/51_figures.ipynb #0ec03d6c
 FIGURES = {"scale": plot_scale, "prompt_length": plot_prompt_length, "init": plot_init, "spot": plot_spot,
            "spot_similarity": plot_spot_similarity, "recycling": plot_recycling}  # name -> drawing function
 

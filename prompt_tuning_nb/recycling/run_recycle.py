@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EMBEDDING_VARIABLE', 'load_embeddings', 'word_ids_for', 'recycle', 'main']
 
-# %% ../../nbs/40c_run_recycle.ipynb #ddeb26a3
+# %% ../../nbs/40c_run_recycle.ipynb #a0ccf917
 import argparse
 import logging
 import math
@@ -24,7 +24,7 @@ from .vocab_filter import load_word_list, select_word_ids, sentencepiece_words
 
 _log = logging.getLogger(__name__)
 
-# %% ../../nbs/40c_run_recycle.ipynb #bf930f7a
+# %% ../../nbs/40c_run_recycle.ipynb #8b007b4c
 EMBEDDING_VARIABLE = "token_embedder/embedding"
 
 
@@ -69,7 +69,7 @@ def _orbax_variable(item: Path, variable_path: str) -> np.ndarray:
                               "run saves only the prompt); expected the checkpoint of a model that trained it, or give "
                               "the model the run started from")
     _, _, names, leaf = min(found, key=lambda f: f[:2])
-    item_tree = abstract = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    item_tree = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     restore_args = ocp.RestoreArgs(restore_type=np.ndarray)
     for name in reversed(names):
         item_tree, restore_args = {name: item_tree}, {name: restore_args}
@@ -119,7 +119,7 @@ def load_embeddings(path: str | os.PathLike,  # .npy table, T5X checkpoint (or M
                                   "checkpoints), nor a Hugging Face T5 folder; expected one of those or an .npy table")
     return as_table(table, f"{text}: embedding table")
 
-# %% ../../nbs/40c_run_recycle.ipynb #032202fa
+# %% ../../nbs/40c_run_recycle.ipynb #74803e3d
 def _default_vocab(rows: int):
     "The project's default vocabulary, if a T5-style table for it has `rows` rows (checked before it is loaded)."
     from prompt_tuning_nb.data import default_vocabulary  # the data module, only when needed
@@ -153,7 +153,7 @@ def word_ids_for(rows: int,  # rows of the models' embedding tables
                                  "rows; expected the vocabulary of these models")
     return select_word_ids(words, num_words, word_offset)
 
-# %% ../../nbs/40c_run_recycle.ipynb #18e75657
+# %% ../../nbs/40c_run_recycle.ipynb #7e8c8903
 def recycle(source_model: str | os.PathLike,  # the model the prompt was trained on
             target_model: str | os.PathLike,  # the model to recycle the prompt to
             prompt_path: str | os.PathLike,  # the prompt (any format `checkpoints.load_prompt` reads)
@@ -218,7 +218,7 @@ def main(argv: list | None = None,  # command-line arguments without the program
           f"({args.num_words} words from offset {args.word_offset})")
     return path
 
-# %% ../../nbs/40c_run_recycle.ipynb #5a3f2f9d
+# %% ../../nbs/40c_run_recycle.ipynb #f98d7fce
 if __name__ == "__main__" and "__file__" in globals():  # run as `python -m`, not in a notebook
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("prompt_tuning_nb").setLevel(logging.INFO)  # our progress lines, not every library's
