@@ -9,7 +9,7 @@ __all__ = ['CheckpointError', 'CheckpointNotFoundError', 'kvstore_spec', 't5x_ar
            'check_prompt', 'save_numpy', 'save_t5x_numpy_prompt', 'save_peft_prompt', 'load_peft_prompt', 'load_prompt',
            'save_npy_prompt']
 
-# %% ../nbs/02_checkpoints.ipynb #f7acf1bd
+# %% ../nbs/02_checkpoints.ipynb #6ae1aa20
 import io
 import itertools
 import json
@@ -37,7 +37,7 @@ from .t5 import T5Config
 
 _log = logging.getLogger(__name__)
 
-# %% ../nbs/02_checkpoints.ipynb #50f0b084
+# %% ../nbs/02_checkpoints.ipynb #70f58453
 class CheckpointError(ValueError):
     "A checkpoint, prompt or model file that is not what it should be (one-line message: path, problem, expectation)."
     def __init__(self, message: str):
@@ -53,7 +53,7 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
-# %% ../nbs/02_checkpoints.ipynb #da496e00
+# %% ../nbs/02_checkpoints.ipynb #bf0d7b1e
 def kvstore_spec(path: str | os.PathLike,  # a local folder, or a URL such as `gs://bucket/dir`, `file:///dir`, `memory://dir`
                  ) -> dict:
     "The tensorstore key-value store spec of the folder at `path` (its `path` ends in `/`)."
@@ -79,7 +79,7 @@ def t5x_array_spec(base: dict,  # kvstore spec of the checkpoint folder (from `k
     folder = kvstore["path"].rstrip("/").rsplit("/", 1)[-1]
     return {**spec, "kvstore": {**base, "path": base["path"] + folder + "/"}}
 
-# %% ../nbs/02_checkpoints.ipynb #c9681757
+# %% ../nbs/02_checkpoints.ipynb #2684f343
 def flatten_params(tree: dict,  # nested dicts with array (or other) leaves
                    is_leaf: Callable = lambda node: not isinstance(node, dict),  # what counts as a leaf
                    prefix: str = "") -> dict:
@@ -106,7 +106,7 @@ def unflatten_params(flat: dict,  # `{'a/b/c': leaf}`
         node[name] = leaf
     return tree
 
-# %% ../nbs/02_checkpoints.ipynb #d0066f69
+# %% ../nbs/02_checkpoints.ipynb #df2316ec
 def t5x_param_shapes(config: T5Config,  # the model
                      prompt_length: int = 0,  # P of a prompt stored in the tree; 0 for none
                      ) -> dict:
@@ -114,7 +114,7 @@ def t5x_param_shapes(config: T5Config,  # the model
     abstract = jax.eval_shape(lambda rng: t5.init_params(config, rng, prompt_length), jax.random.key(0))
     return {path: tuple(leaf.shape) for path, leaf in flatten_params(abstract).items()}
 
-# %% ../nbs/02_checkpoints.ipynb #cf0c9036
+# %% ../nbs/02_checkpoints.ipynb #b3865ad5
 _LAYER = re.compile(r"^(encoder|decoder)/layers_(\d+)/")
 
 
@@ -171,7 +171,7 @@ def config_from_params(params: dict,  # a parameter tree (T5X `target` names, no
                               + "; ".join(problems[:3]) + more)
     return config
 
-# %% ../nbs/02_checkpoints.ipynb #3e4b2224
+# %% ../nbs/02_checkpoints.ipynb #4abc8857
 _SHAPED_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers",
                   "mlp_dim", "relpos_buckets", "decoder_only")
 
@@ -188,7 +188,7 @@ def check_config(config: T5Config,  # what the caller says the model is
         raise CheckpointError(f"{source}: the config disagrees with the checkpoint: {', '.join(diffs)}")
     return config
 
-# %% ../nbs/02_checkpoints.ipynb #c9a1ab8c
+# %% ../nbs/02_checkpoints.ipynb #d7b23242
 def _is_tensorstore_spec(node) -> bool:
     return isinstance(node, dict) and "driver" in node and "kvstore" in node
 
@@ -306,7 +306,7 @@ def read_t5x_target(path: str | os.PathLike,  # checkpoint folder: local, `gs://
     return {name: array.astype(cast) if jnp.issubdtype(array.dtype, jnp.floating) else array
             for name, array in sorted(arrays.items())}
 
-# %% ../nbs/02_checkpoints.ipynb #285fa30b
+# %% ../nbs/02_checkpoints.ipynb #6955d030
 def load_t5x_checkpoint(path: str | os.PathLike,  # checkpoint folder: local, `gs://...` or any tensorstore URL
                         config: T5Config | None = None,  # checked against the shapes; None infers it
                         dtype: str = "float32",  # restore dtype: "float32" or "bfloat16"
@@ -334,7 +334,7 @@ def load_t5x_variable(path: str | os.PathLike,  # checkpoint folder: local, `gs:
                               "`target/` such as target/token_embedder/embedding")
     return found[name]
 
-# %% ../nbs/02_checkpoints.ipynb #39eef4a5
+# %% ../nbs/02_checkpoints.ipynb #0becb0d8
 def t5x_checkpoint_folder(path: str | os.PathLike,  # a local T5X checkpoint folder, or a MODEL_DIR holding some
                           ) -> Path | None:
     "The T5X checkpoint folder that `path` means (itself, or its newest `checkpoint_N`), or None."
@@ -386,7 +386,7 @@ def save_t5x_checkpoint(directory: str | os.PathLike,  # the folder to create, e
         raise
     return directory
 
-# %% ../nbs/02_checkpoints.ipynb #75379cf8
+# %% ../nbs/02_checkpoints.ipynb #579b3eb7
 def _hf_names(config: T5Config) -> dict:
     "`{our path: (hf name, transpose?)}` for every parameter except the output layer."
     names = {"token_embedder/embedding": ("shared.weight", False)}
@@ -506,7 +506,7 @@ def load_hf_t5(folder: str | os.PathLike,  # a Hugging Face T5 v1.1 folder: conf
     check_config(config, config_from_params(params, source=str(folder)), str(folder))
     return config, params
 
-# %% ../nbs/02_checkpoints.ipynb #6f5bb96a
+# %% ../nbs/02_checkpoints.ipynb #53c2ccba
 def save_hf_t5(folder: str | os.PathLike,  # the Hugging Face folder to write (an existing one is kept as a backup)
                config: T5Config,  # an encoder-decoder config
                params: dict,  # its parameter tree (a prompt in it is not written)
@@ -536,7 +536,7 @@ def save_hf_t5(folder: str | os.PathLike,  # the Hugging Face folder to write (a
 
     return _publish_folder(Path(folder), fill)
 
-# %% ../nbs/02_checkpoints.ipynb #804d2818
+# %% ../nbs/02_checkpoints.ipynb #6d89c0bd
 def check_prompt(prompt,  # the prompt, `[P, d_model]`
                  d_model: int | None = None,  # the model's width, when known
                  source: str = "prompt",  # what to name in error messages (e.g. the file)
@@ -609,7 +609,7 @@ def save_numpy(path: str | os.PathLike,  # the file to write, exactly this name 
     array = _npy_ready(array)
     return _atomic_file(Path(path), lambda f: np.save(f, array, allow_pickle=False))
 
-# %% ../nbs/02_checkpoints.ipynb #d7a62506
+# %% ../nbs/02_checkpoints.ipynb #a997c8fa
 def save_t5x_numpy_prompt(model_dir: str | os.PathLike,  # the training run's folder (MODEL_DIR)
                           step: int,  # training step of the prompt
                           prompt,  # `[P, d_model]`
@@ -625,7 +625,7 @@ def save_t5x_numpy_prompt(model_dir: str | os.PathLike,  # the training run's fo
 
     return _publish_folder(step_dir, fill) / name
 
-# %% ../nbs/02_checkpoints.ipynb #52cca304
+# %% ../nbs/02_checkpoints.ipynb #b173c1f4
 def save_peft_prompt(folder: str | os.PathLike,  # the adapter folder to write (an existing one is kept as a backup)
                      prompt,  # `[P, d_model]`
                      base_model_name_or_path: str | None = None,  # recorded for PEFT (e.g. "google/t5-v1_1-base")
@@ -689,7 +689,7 @@ def load_peft_prompt(folder: str | os.PathLike,  # a PEFT prompt-tuning adapter 
                  folder, blocks, length, length)
     return check_prompt(rows[:length], adapter.get("token_dim"), str(weights))
 
-# %% ../nbs/02_checkpoints.ipynb #49349db8
+# %% ../nbs/02_checkpoints.ipynb #737e6459
 def _read_url(url: str) -> bytes:
     "The bytes of the file at a tensorstore URL (`gs://bucket/dir/file`)."
     parent, name = url.rstrip("/").rsplit("/", 1)
@@ -739,7 +739,7 @@ def load_prompt(path: str | os.PathLike,  # .npy file, T5X numpy checkpoint file
         prompt = prompt.view(jnp.bfloat16)
     return check_prompt(prompt, d_model, source)
 
-# %% ../nbs/02_checkpoints.ipynb #9a53baed
+# %% ../nbs/02_checkpoints.ipynb #e59891fd
 def save_npy_prompt(path: str | os.PathLike,  # the file to write, exactly this name
                     prompt,  # `[P, d_model]`
                     ) -> Path:

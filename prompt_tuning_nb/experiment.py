@@ -7,7 +7,7 @@ __all__ = ['REAL_SIZES', 'METHODS', 'INITS', 'DEFAULT_CHECKPOINT', 'T5_VOCABULAR
            'check_settings', 'enable_compilation_cache', 'load_model', 'TaskData', 'load_task', 'run_method',
            'run_scale']
 
-# %% ../nbs/26_experiment.ipynb #f6bd958a
+# %% ../nbs/26_experiment.ipynb #20d4f4f4
 import dataclasses
 import itertools
 import tempfile
@@ -29,7 +29,7 @@ from .training.optim import model_tuning_rules, prompt_tuning_rules
 from .training.step import LossConfig
 from .zoo import ZOO_RECIPES, PretrainingRecipe, pretrained_model
 
-# %% ../nbs/26_experiment.ipynb #e340b446
+# %% ../nbs/26_experiment.ipynb #f3373120
 REAL_SIZES = ("small", "base", "large", "xl", "xxl")
 METHODS = ("model_tuning", "prompt_tuning", "prompt_design")
 INITS = ("class_label", "sampled_vocab", "random_uniform")
@@ -60,7 +60,7 @@ class ScaleSettings:
     out_dir: Path  # run folders and figures
     zoo_recipe: Optional[PretrainingRecipe] = None  # miniatures: None for the size's default recipe
 
-# %% ../nbs/26_experiment.ipynb #6e74ebd0
+# %% ../nbs/26_experiment.ipynb #698aa3ac
 def _one_line(name, value, expected):
     return ValueError(f"parameter {name}={value!r}: expected {expected}")
 
@@ -152,14 +152,14 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
                          float(learning_rate), float(model_learning_rate), eval_every, inputs_length,
                          max_eval_examples, seeds, bool(from_scratch), Path(results_db), Path(out_dir), zoo_recipe)
 
-# %% ../nbs/26_experiment.ipynb #7926c766
+# %% ../nbs/26_experiment.ipynb #597ea583
 def enable_compilation_cache(folder=None,  # default: `cache_dir('jax')` beside the data cache
                              ):
     "Let JAX keep compiled programs on disk across runs and processes."
     jax.config.update("jax_compilation_cache_dir", str(folder or cache_dir("jax")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# %% ../nbs/26_experiment.ipynb #46432d4a
+# %% ../nbs/26_experiment.ipynb #af149d85
 def load_model(size: str, settings: ScaleSettings, progress: bool = True) -> tuple:
     "`(config, params, vocab)`: a zoo model (built on first use) or the T5X checkpoint of a real size."
     if size in REAL_SIZES:
@@ -197,7 +197,7 @@ def load_task(name: str, vocab, settings: ScaleSettings) -> TaskData:
     return TaskData(name, words, candidates, _split(name, "validation", lengths, vocab, settings.max_eval_examples),
                     _split(name, "test", lengths, vocab, settings.max_eval_examples))
 
-# %% ../nbs/26_experiment.ipynb #f0849e45
+# %% ../nbs/26_experiment.ipynb #ca3102fc
 def _prompt_initializer(init, params, vocab, words):
     table = np.asarray(params["token_embedder"]["embedding"])
     if init == "class_label":
@@ -247,7 +247,7 @@ def run_method(method: str,  # one of `METHODS`
     validation, test, steps = _train_and_evaluate(config, start, rules, data, settings, seed, model_dir, vocab, progress)
     return {"validation": validation, "test": test, "steps": steps, "trainable_params": trainable}
 
-# %% ../nbs/26_experiment.ipynb #07a79940
+# %% ../nbs/26_experiment.ipynb #a2635732
 def run_scale(settings: ScaleSettings,  # from `check_settings`
               experiment: str = "scale",  # the experiment's name in the store
               progress: bool = True,  # progress bars and a line per result

@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_FIGURES', 'FORMATS', 'PAPER_SETTING', 'COLORS', 'SCALE_METHO
            'draw_lines', 'plot_scale', 'example_store', 'plot_prompt_length', 'plot_init', 'plot_spot',
            'plot_spot_similarity', 'recycling_table', 'format_table', 'plot_recycling', 'redraw_all']
 
-# %% ../nbs/51_figures.ipynb #8becbe3b
+# %% ../nbs/51_figures.ipynb #e3c32118
 import json
 import os
 import tempfile
@@ -23,7 +23,7 @@ from matplotlib.ticker import NullLocator
 from . import spot
 from .results import DEFAULT_DB, INITS, METHODS, ResultsStore, canonical_init, value
 
-# %% ../nbs/51_figures.ipynb #2d352f95
+# %% ../nbs/51_figures.ipynb #7689e2bc
 DEFAULT_FIGURES = Path("experiments/figures")  # relative to the working directory (the repository root)
 FORMATS = ("png", "svg")
 
@@ -62,7 +62,7 @@ def save_figure(fig: Figure,  # the figure
         raise OSError(f"cannot write figure {name!r} to {out_dir}: {error.strerror or error}") from None
     return paths
 
-# %% ../nbs/51_figures.ipynb #bf3b0acc
+# %% ../nbs/51_figures.ipynb #e19fec2b
 PAPER_SETTING = {"prompt_length": 100, "init": "class_label"}  # preferred when two values are equally common
 
 
@@ -97,7 +97,7 @@ def one_setting(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
         setting[name] = json.loads(choice)
     return kept, setting
 
-# %% ../nbs/51_figures.ipynb #74bf72fc
+# %% ../nbs/51_figures.ipynb #6c63f88d
 def score_lines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
                 line_of: Callable[[Mapping], object],  # row -> its line (a method, a prompt length, ...)
                 metric: str,  # the metric to plot
@@ -126,7 +126,7 @@ def score_lines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
         found[line] = dict(zip(("x", "sizes", "y", "yerr", "n_seeds", "tasks"), map(list, zip(*points))))
     return {"lines": found, "skipped": skipped}
 
-# %% ../nbs/51_figures.ipynb #a9154cfe
+# %% ../nbs/51_figures.ipynb #0888c4fc
 COLORS = {"model_tuning": "C1", "prompt_tuning": "C0", "prompt_design": "C2", "spot_mixture": "C4",
           "spot_retrieved": "C3"}
 
@@ -154,7 +154,7 @@ def draw_lines(ax,  # a matplotlib Axes
     ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/51_figures.ipynb #cc2b090c
+# %% ../nbs/51_figures.ipynb #0f6827d2
 SCALE_METHODS = ("model_tuning", "prompt_tuning", "prompt_design")
 
 
@@ -211,7 +211,7 @@ def plot_scale(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results
                                "Model tuning, prompt tuning and prompt design")
     return _saved(fig, data, out_dir, "scale")
 
-# %% ../nbs/51_figures.ipynb #8a39c36d
+# %% ../nbs/51_figures.ipynb #644a5c8f
 def example_store(path: str | os.PathLike,  # a new SQLite file
                   ) -> ResultsStore:
     "A small store with made-up rows for every figure (for examples and tests)."
@@ -260,7 +260,7 @@ def example_store(path: str | os.PathLike,  # a new SQLite file
     store.add_many(rows)
     return store
 
-# %% ../nbs/51_figures.ipynb #38b360ba
+# %% ../nbs/51_figures.ipynb #f976e150
 PROMPT_LENGTHS = (1, 5, 20, 100, 150)
 
 
@@ -314,7 +314,7 @@ def plot_init(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
                           task, split, fixed, "Prompt tuning by initialization")
     return _saved(fig, data, out_dir, "init")
 
-# %% ../nbs/51_figures.ipynb #81343030
+# %% ../nbs/51_figures.ipynb #5cc2cf37
 SPOT_METHODS = ("prompt_tuning", "spot_mixture", "spot_retrieved", "model_tuning")
 
 
@@ -331,7 +331,7 @@ def plot_spot(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
                                "Prompt tuning, SPoT and model tuning", tasks_from=("spot_mixture", "spot_retrieved"))
     return _saved(fig, data, out_dir, "spot")
 
-# %% ../nbs/51_figures.ipynb #9a7c8343
+# %% ../nbs/51_figures.ipynb #b09f7759
 def _mean_by(rows: Sequence[Mapping], key: Callable, metric: str) -> dict:
     "`{key(row): mean of metric}` over the rows that have it."
     groups = defaultdict(list)
@@ -385,7 +385,7 @@ def plot_spot_similarity(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # t
         data.update(targets=targets, sources=sources, gains=gains, gain_scale=scale)
     return _saved(fig, data, out_dir, "spot_similarity")
 
-# %% ../nbs/51_figures.ipynb #f631877a
+# %% ../nbs/51_figures.ipynb #3a2e4f08
 RECYCLERS = ("v2v-nn", "v2v-lin", "lin-comb")
 BASELINES = ("zero_shot", "random_prompt")
 _NOT_RECYCLERS = (*BASELINES, "prompt_tuning", "model_tuning", "prompt_design")
@@ -438,7 +438,7 @@ def format_table(table: Sequence[Mapping],  # rows of equal keys, e.g. `recyclin
     lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     return "\n".join(lines + ["| " + " | ".join(cell(row[n]) for n in names) + " |" for row in table]) + "\n"
 
-# %% ../nbs/51_figures.ipynb #e80f66bf
+# %% ../nbs/51_figures.ipynb #8facbc6a
 def plot_recycling(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results store (must exist)
                    out_dir: str | os.PathLike | None = DEFAULT_FIGURES,  # where `recycling.{png,svg,md}` go; None: not saved
                    metric: str = "accuracy",  # the score
@@ -473,7 +473,7 @@ def plot_recycling(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the res
         data["files"].append(path)
     return fig, data
 
-# %% ../nbs/51_figures.ipynb #0ec03d6c
+# %% ../nbs/51_figures.ipynb #e1b120b6
 FIGURES = {"scale": plot_scale, "prompt_length": plot_prompt_length, "init": plot_init, "spot": plot_spot,
            "spot_similarity": plot_spot_similarity, "recycling": plot_recycling}  # name -> drawing function
 

@@ -7,7 +7,7 @@ __all__ = ['PLACEMENTS', 'EVALUATIONS', 'PromptSpec', 'model_rng', 'prompt_rng',
            'training_batches', 'label_candidates', 'classification_split', 'make_evaluator', 'run_train', 'run_eval',
            'run_infer', 'GinConfigError', 'search_paths', 'parse_gin', 'launch', 'run_configured', 'one_line_error']
 
-# %% ../nbs/22_gin.ipynb #af3a764e
+# %% ../nbs/22_gin.ipynb #187a0843
 import dataclasses
 import difflib
 import importlib
@@ -37,7 +37,7 @@ from .training.step import LossConfig
 
 _log = logging.getLogger(__name__)
 
-# %% ../nbs/22_gin.ipynb #e2c17a73
+# %% ../nbs/22_gin.ipynb #b6357312
 PLACEMENTS = {"prefix": prompts.prefix, "prefix_after_bos": prompts.prefix_after_bos, "suffix": prompts.suffix}
 
 
@@ -63,7 +63,7 @@ class PromptSpec:
         "The initial prompt `[P, d_model]` (float32)."
         return jnp.asarray(self.init(rng, (int(self.length), d_model)), jnp.float32)
 
-# %% ../nbs/22_gin.ipynb #0442f488
+# %% ../nbs/22_gin.ipynb #adc29453
 def model_rng(seed: int) -> jax.Array:
     "The key of a random model's initialization for RANDOM_SEED `seed`."
     return jax.random.fold_in(jax.random.key(seed), 0)
@@ -111,7 +111,7 @@ def load_model(config: t5.T5Config,  # the gin MODEL; checked against the checkp
     _log.info("loaded the model from %s", where)
     return _without_prompt(config, params, where)
 
-# %% ../nbs/22_gin.ipynb #ab807c66
+# %% ../nbs/22_gin.ipynb #372c2de9
 def random_init_checkpoint(config: t5.T5Config,  # the gin MODEL
                            model_dir: str | os.PathLike,  # the run's MODEL_DIR
                            seed: int = 0,  # RANDOM_SEED
@@ -126,7 +126,7 @@ def random_init_checkpoint(config: t5.T5Config,  # the gin MODEL
               "--gin.CHECKPOINT_PATH=\"'%s'\")", folder, folder)
     return folder
 
-# %% ../nbs/22_gin.ipynb #d5bdbdca
+# %% ../nbs/22_gin.ipynb #52267c24
 def training_batches(task: str,  # MIXTURE_OR_TASK_NAME
                      feature_lengths: dict,  # TASK_FEATURE_LENGTHS
                      batch_size: int,  # BATCH_SIZE
@@ -188,7 +188,7 @@ def classification_split(task: str,  # a classification task
     return {"inputs": arrays["encoder_input_tokens"][rows], "targets": targets_NxL,
             "labels": matches_NxC.argmax(axis=1), "candidates": candidates_CxL, "label_words": tuple(words)}
 
-# %% ../nbs/22_gin.ipynb #a50d2118
+# %% ../nbs/22_gin.ipynb #e86f11e1
 EVALUATIONS = ("rank_classification", "greedy", "loss")
 
 
@@ -228,7 +228,7 @@ def make_evaluator(evaluation: str,  # one of EVALUATIONS (the DECODING macro, o
                                batch_size=batch_size, placement=placement),
             EarlyStopping("exact_match", "max"))
 
-# %% ../nbs/22_gin.ipynb #ad974a4b
+# %% ../nbs/22_gin.ipynb #fd99d3e5
 def _import_task_module(module: Optional[str]):
     "Import MIXTURE_OR_TASK_MODULE (it registers tasks), if set."
     if module:
@@ -317,7 +317,7 @@ def run_train(model: t5.T5Config,  # MODEL
         _log.info("%s: best validation %s at step %d", mixture_or_task_name, result.best_metrics, result.best_step)
     return result
 
-# %% ../nbs/22_gin.ipynb #f6d425b4
+# %% ../nbs/22_gin.ipynb #805f0440
 def _prompted_model(model, checkpoint_path, prompt, seed):
     "`(params, placement)` of the frozen model with its prompt."
     params = load_model(model, checkpoint_path, seed=seed)
@@ -405,7 +405,7 @@ def run_infer(model: t5.T5Config,  # MODEL
     _log.info("wrote %d predictions to %s", len(inputs_NxT), path)
     return path
 
-# %% ../nbs/22_gin.ipynb #cd2209ec
+# %% ../nbs/22_gin.ipynb #718871b5
 class GinConfigError(ValueError):
     "A gin configuration problem, in one line naming the file, flag or parameter."
 
@@ -527,7 +527,7 @@ def parse_gin(gin_files: Sequence[str],  # in order: models/*.gin, prompts/*.gin
             raise GinConfigError(f"missing required parameter {m[1]}: set it with --gin.{m[1]}=...") from None
         raise GinConfigError(_one_line(e)) from None
 
-# %% ../nbs/22_gin.ipynb #6e585c92
+# %% ../nbs/22_gin.ipynb #57a8743f
 def launch(run: Callable,  # the run a runs/*.gin file configures, e.g. `@gin_glue.run_train` (unevaluated)
            model: Optional[t5.T5Config] = None,  # MODEL, to save a random model
            initial_checkpoint_path: Optional[str] = None,  # INITIAL_CHECKPOINT_PATH

@@ -6,7 +6,7 @@
 __all__ = ['Initializer', 'uniform', 'from_sample_of_embeddings', 'Encoder', 'from_embedded_list', 'from_embedded_string',
            'from_array', 'from_file', 'np_load', 't5x_load']
 
-# %% ../nbs/10_initializers.ipynb #457c16de
+# %% ../nbs/10_initializers.ipynb #2ac79bc9
 import logging
 import warnings
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 from .checkpoints import load_prompt, load_t5x_variable
 from .prompts import symmetric_uniform
 
-# %% ../nbs/10_initializers.ipynb #77d74c5d
+# %% ../nbs/10_initializers.ipynb #ef74b595
 Initializer = Callable[..., jax.Array]  # init(rng, shape, dtype=jnp.float32) -> [P, H]
 
 
@@ -47,7 +47,7 @@ def _check_width(table_VxH: np.ndarray, width: int, who: str):
         raise ValueError(f"{who}: prompt width {width} differs from the embedding table's width "
                          f"{table_VxH.shape[1]} (table shape {table_VxH.shape})")
 
-# %% ../nbs/10_initializers.ipynb #70276abe
+# %% ../nbs/10_initializers.ipynb #aeef8e49
 def uniform(scale: float = 0.5,  # half-width of the interval; the paper uses 0.5
             symmetric: bool = True,  # False: the original code's actual draw from `[0, scale)`
             ) -> Initializer:
@@ -61,7 +61,7 @@ def uniform(scale: float = 0.5,  # half-width of the interval; the paper uses 0.
         return draw(rng, shape, dtype)
     return init
 
-# %% ../nbs/10_initializers.ipynb #db14680b
+# %% ../nbs/10_initializers.ipynb #8b373816
 def from_sample_of_embeddings(embeddings,  # the model's embedding table `[V, H]`
                               population_size: int | None = None,  # sample from the first rows only; None: all `V`
                               ) -> Initializer:
@@ -91,7 +91,7 @@ def from_sample_of_embeddings(embeddings,  # the model's embedding table `[V, H]
         return jnp.asarray(candidates_NxH, dtype)[rows_P]
     return init
 
-# %% ../nbs/10_initializers.ipynb #d91702a7
+# %% ../nbs/10_initializers.ipynb #cce64cbd
 class Encoder(Protocol):
     "What the initializers need from a vocabulary (seqio's `Vocabulary` has it)."
     def encode(self, s: str) -> Sequence[int]: ...
@@ -120,7 +120,7 @@ def _default_fallback(table_VxH: np.ndarray) -> Initializer:
     "The paper's fill for the rest of the prompt: sampled from the 5,000 most frequent tokens."
     return from_sample_of_embeddings(table_VxH, min(5000, len(table_VxH)))
 
-# %% ../nbs/10_initializers.ipynb #44cf1918
+# %% ../nbs/10_initializers.ipynb #dff1e95f
 def from_embedded_list(embeddings,  # the model's embedding table `[V, H]`
                        vocab: Encoder,  # tokenizes each label, e.g. `seqio.SentencePieceVocabulary`
                        texts: Sequence[str],  # the class labels (verbalizers), one prompt position each
@@ -146,7 +146,7 @@ def from_embedded_list(embeddings,  # the model's embedding table `[V, H]`
         return _fill(labels_LxH, fallback, rng, length, width, dtype)
     return init
 
-# %% ../nbs/10_initializers.ipynb #bc04f9ef
+# %% ../nbs/10_initializers.ipynb #1f071ccf
 def from_embedded_string(embeddings,  # the model's embedding table `[V, H]`
                          vocab: Encoder,  # tokenizes the text, e.g. `seqio.SentencePieceVocabulary`
                          text: str,  # the string whose token embeddings start the prompt
@@ -167,7 +167,7 @@ def from_embedded_string(embeddings,  # the model's embedding table `[V, H]`
         return _fill(tokens_TxH, fallback, rng, length, width, dtype)
     return init
 
-# %% ../nbs/10_initializers.ipynb #0a5912cc
+# %% ../nbs/10_initializers.ipynb #cf2d8636
 def _from_array(prompt_PxH: np.ndarray, what: str) -> Initializer:
     "`from_array`, with `what` naming the array's source in error messages."
     if prompt_PxH.ndim != 2:
@@ -185,13 +185,13 @@ def from_array(array,  # the prompt `[P, H]`
     "The given prompt, unchanged (cast to `dtype`)."
     return _from_array(np.asarray(array), "from_array: the array")
 
-# %% ../nbs/10_initializers.ipynb #b19ee83f
+# %% ../nbs/10_initializers.ipynb #46f97a17
 def from_file(path: str | Path,  # a prompt file or PEFT folder (see `checkpoints.load_prompt`)
               ) -> Initializer:
     "The prompt stored at `path`, unchanged (cast to `dtype`)."
     return _from_array(np.asarray(load_prompt(path)), f"from_file: prompt file {str(path)!r}")
 
-# %% ../nbs/10_initializers.ipynb #ce31e32a
+# %% ../nbs/10_initializers.ipynb #275afdbb
 def np_load(path: str | Path,  # a `.npy` file
             ) -> np.ndarray:
     "The numpy array stored at `path` (an embedding table, for `EMBEDDING_FILE`)."

@@ -7,14 +7,14 @@ __all__ = ['symmetric_uniform', 'Prompt', 'MultiTaskPrompt', 'expand_to_batch', 
            'prefix_after_bos', 'suffix', 'PlacedPrompt', 'placed_positions', 'remove_prompt', 'prompt_aware_validity',
            'encoder_mask', 'decoder_only_mask']
 
-# %% ../nbs/00_prompt_layer.ipynb #b0e6f95a
+# %% ../nbs/00_prompt_layer.ipynb #1c1b2a9b
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# %% ../nbs/00_prompt_layer.ipynb #5216a88c
+# %% ../nbs/00_prompt_layer.ipynb #1aa2ef9c
 def symmetric_uniform(scale: float = 0.5,  # values are drawn from [-scale, scale]
                      ) -> Callable:
     "The paper's random prompt initializer: uniform in `[-scale, scale]`."
@@ -22,7 +22,7 @@ def symmetric_uniform(scale: float = 0.5,  # values are drawn from [-scale, scal
         return jax.random.uniform(rng, shape, dtype, minval=-scale, maxval=scale)
     return init
 
-# %% ../nbs/00_prompt_layer.ipynb #e83f97cf
+# %% ../nbs/00_prompt_layer.ipynb #307b4818
 class Prompt(nn.Module):
     "A soft prompt: one parameter `prompt` of shape `[P, H]`."
     length: int  # P, the number of prompt positions
@@ -33,7 +33,7 @@ class Prompt(nn.Module):
     def __call__(self):
         return self.param("prompt", self.initializer, (self.length, self.width))
 
-# %% ../nbs/00_prompt_layer.ipynb #50ddfe7a
+# %% ../nbs/00_prompt_layer.ipynb #0ba8cadf
 class MultiTaskPrompt(nn.Module):
     "`K` soft prompts in one parameter `prompt` of shape `[K, P, H]`."
     num_tasks: int  # K
@@ -47,7 +47,7 @@ class MultiTaskPrompt(nn.Module):
             return jax.vmap(lambda r: self.initializer(r, shape[1:], dtype))(jax.random.split(rng, shape[0]))
         return self.param("prompt", init_all, (self.num_tasks, self.length, self.width))
 
-# %% ../nbs/00_prompt_layer.ipynb #4b62c453
+# %% ../nbs/00_prompt_layer.ipynb #288b4761
 def expand_to_batch(prompt_PxH: jax.Array,  # one prompt `[P, H]`
                     batch_size: int,  # B
                     ) -> jax.Array:
@@ -61,7 +61,7 @@ def select_prompts(prompts_KxPxH: jax.Array,  # one prompt per task
     "Each example's own task prompt: `[K, P, H], [B] -> [B, P, H]`."
     return jnp.take(prompts_KxPxH, task_ids_B, axis=0, mode="clip")
 
-# %% ../nbs/00_prompt_layer.ipynb #e1cd8f82
+# %% ../nbs/00_prompt_layer.ipynb #f416957c
 def insert_at(prompt_BxPxH: jax.Array,  # the prompt of each example
               embedded_BxTxH: jax.Array,  # the embedded input
               position_B: jax.Array,  # where the prompt starts in each example, in `[0, T]`
@@ -79,7 +79,7 @@ def insert_at(prompt_BxPxH: jax.Array,  # the prompt of each example
     both_BxTPxH = jnp.concatenate([embedded_BxTxH, prompt_BxPxH.astype(embedded_BxTxH.dtype)], axis=1)
     return jnp.take_along_axis(both_BxTPxH, source_BxS[..., None], axis=1)
 
-# %% ../nbs/00_prompt_layer.ipynb #94ad9109
+# %% ../nbs/00_prompt_layer.ipynb #d68c85bf
 def prefix(prompt_BxPxH: jax.Array,  # the prompt of each example
            embedded_BxTxH: jax.Array,  # the embedded input
            tokens_BxT: jax.Array,  # the input token ids (unused: the prompt always goes first)
@@ -106,7 +106,7 @@ def suffix(prompt_BxPxH: jax.Array,  # the prompt of each example
     length_B = jnp.sum(tokens_BxT != 0, axis=1) + int(decoder_only) - int(before_eos)
     return insert_at(prompt_BxPxH, embedded_BxTxH, jnp.maximum(length_B, 0))
 
-# %% ../nbs/00_prompt_layer.ipynb #ccc6038e
+# %% ../nbs/00_prompt_layer.ipynb #c7b3de8c
 class PlacedPrompt(nn.Module):
     "A learned prompt spliced into the embedded input; its submodule `prompt` holds the parameter."
     length: int  # P
@@ -119,7 +119,7 @@ class PlacedPrompt(nn.Module):
         prompt_PxH = Prompt(self.length, width, self.initializer, name="prompt")()
         return self.placement(expand_to_batch(prompt_PxH, batch), embedded_BxTxH, tokens_BxT)
 
-# %% ../nbs/00_prompt_layer.ipynb #289931a0
+# %% ../nbs/00_prompt_layer.ipynb #f9ca5ca3
 def placed_positions(placement: Callable,  # a placement function
                      tokens_BxT: jax.Array,  # the input token ids
                      prompt_length: int,  # P
@@ -140,7 +140,7 @@ def remove_prompt(placed_BxSxH: jax.Array,  # activations of the placed sequence
     order_BxS = jnp.argsort(jnp.where(positions_BxS < 0, positions_BxS.shape[1], positions_BxS), axis=1)
     return jnp.take_along_axis(placed_BxSxH, order_BxS[:, :length, None], axis=1)
 
-# %% ../nbs/00_prompt_layer.ipynb #a0043f94
+# %% ../nbs/00_prompt_layer.ipynb #06c70f16
 def prompt_aware_validity(placement: Callable,  # a placement function
                           tokens_BxT: jax.Array,  # the input token ids, `0` is padding
                           prompt_length: int,  # P
@@ -156,7 +156,7 @@ def encoder_mask(valid_BxS: jax.Array,  # `prompt_aware_validity` of the encoder
     "Encoder self-attention: valid queries see valid keys, `[B, 1, S, S]`."
     return valid_BxS[:, None, :, None] & valid_BxS[:, None, None, :]
 
-# %% ../nbs/00_prompt_layer.ipynb #c724a714
+# %% ../nbs/00_prompt_layer.ipynb #19b812c4
 def decoder_only_mask(placement: Callable,  # a placement function
                       decoder_causal_attention_BxT: jax.Array,  # 1 on the inputs (the bidirectional prefix)
                       tokens_BxT: jax.Array,  # the decoder input token ids

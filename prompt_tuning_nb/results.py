@@ -6,7 +6,7 @@
 __all__ = ['DEFAULT_DB', 'METHODS', 'INITS', 'INIT_ALIASES', 'SCHEMA_VERSION', 'COLUMNS', 'KEY', 'canonical_init', 'code_version',
            'ResultsStoreError', 'result_row', 'ResultsStore', 'value']
 
-# %% ../nbs/50_results.ipynb #16175a2f
+# %% ../nbs/50_results.ipynb #9f45c590
 import json
 import math
 import numbers
@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import prompt_tuning_nb
 
-# %% ../nbs/50_results.ipynb #185802b9
+# %% ../nbs/50_results.ipynb #90c0bf4d
 DEFAULT_DB = Path("experiments/results.sqlite")  # relative to the working directory (the repository root)
 
 METHODS = {  # method name -> label in figures
@@ -41,7 +41,7 @@ def canonical_init(name: str) -> str:
     "The paper's name for an initialization (`INITS`), mapping the gin/initializer spellings in `INIT_ALIASES`."
     return INIT_ALIASES.get(name, name)
 
-# %% ../nbs/50_results.ipynb #cc570254
+# %% ../nbs/50_results.ipynb #b54fd00c
 def _git(folder: Path, *args: str) -> str:
     "Output of `git -C folder args`, stripped; raises when git fails."
     done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=20, check=True)
@@ -60,7 +60,7 @@ def code_version() -> str:
         return f"{prompt_tuning_nb.__version__}-dirty"
     return commit + ("-dirty" if changes else "")
 
-# %% ../nbs/50_results.ipynb #6b2a0aab
+# %% ../nbs/50_results.ipynb #65776a47
 SCHEMA_VERSION = 1
 COLUMNS = ("id", "experiment", "size", "method", "task", "seed", "split", "params", "metrics", "steps", "wall_time",
            "num_params", "trainable_params", "code_version", "timestamp")
@@ -94,7 +94,7 @@ _SCHEMA = (  # statements run once, in one transaction, when a store is created
 class ResultsStoreError(OSError):
     "The results store cannot be opened, created or written (the message is one line)."
 
-# %% ../nbs/50_results.ipynb #05801bff
+# %% ../nbs/50_results.ipynb #efb34b2d
 _REQUIRED = ("experiment", "size", "method", "task", "seed", "metrics", "steps", "wall_time")
 _OPTIONAL = {"split": "validation", "params": None, "num_params": None, "trainable_params": None,
              "code_version": None, "timestamp": None}
@@ -181,7 +181,7 @@ def result_row(row: Mapping,  # one measurement: the columns of the schema excep
                            "timestamp", who),
     }
 
-# %% ../nbs/50_results.ipynb #10f91d76
+# %% ../nbs/50_results.ipynb #4e717fcc
 class ResultsStore:
     "An SQLite results store (WAL mode, busy timeout, short transactions): append rows, read them back."
 
@@ -251,7 +251,7 @@ class ResultsStore:
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.path)!r})"
 
-# %% ../nbs/50_results.ipynb #c19285c8
+# %% ../nbs/50_results.ipynb #11143049
 def _add_many(self,
               rows: Iterable[Mapping],  # measurements, each as in `result_row`
               ) -> list[int]:
@@ -283,7 +283,7 @@ def _add(self, **row) -> int:
 
 ResultsStore.add_many, ResultsStore.add = _add_many, _add
 
-# %% ../nbs/50_results.ipynb #b3ac245c
+# %% ../nbs/50_results.ipynb #9181a603
 _FILTERS = ("experiment", "size", "method", "task", "seed", "split")
 
 

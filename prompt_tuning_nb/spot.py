@@ -7,7 +7,7 @@ __all__ = ['RESIZES', 'MEASURES', 'transfer_initializer', 'task_embedding', 'pro
            'rank_sources', 'evaluate_ranking', 'transfer_gain_matrix', 'plot_similarity', 'plot_transfer_gains',
            'plot_similarity_and_gains']
 
-# %% ../nbs/30_spot.ipynb #28a9eb50
+# %% ../nbs/30_spot.ipynb #b792cc10
 import os
 import warnings
 from typing import Mapping, Sequence
@@ -20,7 +20,7 @@ from scipy import stats
 from .checkpoints import check_prompt, load_prompt
 from .initializers import Initializer, from_array
 
-# %% ../nbs/30_spot.ipynb #989b4e25
+# %% ../nbs/30_spot.ipynb #7079398b
 RESIZES = ("error", "truncate", "tile")  # how `transfer_initializer` adapts a source to another prompt length
 
 
@@ -70,7 +70,7 @@ def transfer_initializer(source,  # the source task's prompt `[P, H]`: a prompt 
         return copy(rng, shape, dtype)
     return init
 
-# %% ../nbs/30_spot.ipynb #3a308934
+# %% ../nbs/30_spot.ipynb #7316a872
 MEASURES = ("avg", "pairs")  # SPoT's cosine of average tokens; per-token average cosine
 
 
@@ -121,7 +121,7 @@ def prompt_similarity(a,  # a prompt `[P, H]`
     _check_widths(prompts_PxH, "prompt_similarity")
     return float(task_embedding(prompts_PxH["a"], measure, "a") @ task_embedding(prompts_PxH["b"], measure, "b"))
 
-# %% ../nbs/30_spot.ipynb #8f13e585
+# %% ../nbs/30_spot.ipynb #3f8272a9
 def similarity_matrix(prompts: Mapping,  # task name -> learned prompt `[P, H]` (one model, so one `H`)
                       measure: str = "avg",  # 'avg' or 'pairs' (see `MEASURES`)
                       ) -> np.ndarray:
@@ -134,7 +134,7 @@ def similarity_matrix(prompts: Mapping,  # task name -> learned prompt `[P, H]` 
     embeddings_NxH = np.stack([task_embedding(p, measure, name) for name, p in prompts_PxH.items()])
     return embeddings_NxH @ embeddings_NxH.T
 
-# %% ../nbs/30_spot.ipynb #68cdb38f
+# %% ../nbs/30_spot.ipynb #dc4b93e4
 def rank_sources(target: str,  # the target task's name, a key of `prompts`
                  candidates: Sequence[str],  # the candidate source tasks' names, keys of `prompts`
                  prompts: Mapping,  # task name -> learned prompt `[P, H]`
@@ -158,7 +158,7 @@ def rank_sources(target: str,  # the target task's name, a key of `prompts`
     order = np.argsort(-similarity, kind="stable")
     return [(candidates[i], float(similarity[i])) for i in order]
 
-# %% ../nbs/30_spot.ipynb #b2ea50ca
+# %% ../nbs/30_spot.ipynb #722f8d95
 def evaluate_ranking(ranking: Sequence[tuple[str, float]],  # `(source, similarity)` pairs, best first (`rank_sources`)
                      gains: Mapping[str, float],  # measured transfer gain of each ranked source on the target
                      k: int = 3,  # "within the top k"
@@ -189,7 +189,7 @@ def evaluate_ranking(ranking: Sequence[tuple[str, float]],  # `(source, similari
             "best_in_top_k": rank_of_best <= k, "top1_gain": float(gains_S[0]), "best_gain": best_gain,
             "regret": best_gain - float(gains_S[0])}
 
-# %% ../nbs/30_spot.ipynb #78a4a8b0
+# %% ../nbs/30_spot.ipynb #0dc01eeb
 def transfer_gain_matrix(scores: Mapping[tuple[str, str], float],  # `(source, target)` -> target's score after transfer
                          baselines: Mapping[str, float],  # target -> its score with prompt tuning from scratch
                          targets: Sequence[str],  # the rows
@@ -206,7 +206,7 @@ def transfer_gain_matrix(scores: Mapping[tuple[str, str], float],  # `(source, t
                 gains_TxS[i, j] = float(scores[source, target]) - float(baselines[target])
     return gains_TxS
 
-# %% ../nbs/30_spot.ipynb #4e7e0d94
+# %% ../nbs/30_spot.ipynb #bcac7d31
 def _heatmap(ax, matrix_RxC: np.ndarray, rows: Sequence[str], columns: Sequence[str], cmap: str, label: str,
              vmin: float | None = None, vmax: float | None = None, fmt: str = "{:.2f}"):
     "A labelled heatmap of `matrix_RxC` with each value written in its cell."

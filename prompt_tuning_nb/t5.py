@@ -8,7 +8,7 @@ __all__ = ['PRESETS', 'T5Config', 'RMSNorm', 'relative_position_bucket', 'Relati
            'prompt_length_of', 'with_prompt', 'num_params', 'forward', 'greedy_decode', 'shift_right', 'score_targets',
            'decoder_only_forward']
 
-# %% ../nbs/01_t5.ipynb #49ac2388
+# %% ../nbs/01_t5.ipynb #8ef99911
 import dataclasses
 import functools
 import math
@@ -22,7 +22,7 @@ import numpy as np
 from .prompts import (PlacedPrompt, decoder_only_mask, encoder_mask, prefix, prefix_after_bos,
                                       prompt_aware_validity, placed_positions, remove_prompt)
 
-# %% ../nbs/01_t5.ipynb #8cd80645
+# %% ../nbs/01_t5.ipynb #ce0caedd
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     "Hyper-parameters of a T5 1.1 model."
@@ -60,7 +60,7 @@ class T5Config:
         "A copy with some fields changed."
         return dataclasses.replace(self, **changes)
 
-# %% ../nbs/01_t5.ipynb #fed9c4dc
+# %% ../nbs/01_t5.ipynb #d37392e8
 def _size(heads, layers, d_model, mlp_dim, head_dim=64, vocab_size=32128):
     return dict(num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers, d_model=d_model,
                 mlp_dim=mlp_dim, head_dim=head_dim, vocab_size=vocab_size)
@@ -78,7 +78,7 @@ PRESETS = {
     "mini_l": _size(6, 6, 384, 1536, vocab_size=8192),
 }
 
-# %% ../nbs/01_t5.ipynb #8bc14003
+# %% ../nbs/01_t5.ipynb #b69e8427
 class RMSNorm(nn.Module):
     "T5's layer norm: scale by the root mean square, no centring, no bias."
     dtype: str = "float32"  # output dtype
@@ -91,7 +91,7 @@ class RMSNorm(nn.Module):
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
         return (x * scale_D).astype(self.dtype)
 
-# %% ../nbs/01_t5.ipynb #e134def8
+# %% ../nbs/01_t5.ipynb #2300bfef
 def relative_position_bucket(relative_position: jax.Array,  # key position minus query position
                              bidirectional: bool,  # the encoder looks both ways, the decoder only back
                              num_buckets: int,  # buckets in all
@@ -111,7 +111,7 @@ def relative_position_bucket(relative_position: jax.Array,  # key position minus
     large = jnp.minimum(large, num_buckets - 1)
     return bucket + jnp.where(distance < max_exact, distance, large)
 
-# %% ../nbs/01_t5.ipynb #ec4a3e60
+# %% ../nbs/01_t5.ipynb #8578ad03
 class RelativePositionBias(nn.Module):
     "One learned scalar per head and bucket, shared by every layer of a stack: `[1, heads, Q, K]`."
     num_heads: int
@@ -127,7 +127,7 @@ class RelativePositionBias(nn.Module):
                                                self.bidirectional, self.num_buckets, self.max_distance)
         return jnp.take(table_HxN, buckets_QxK, axis=1)[None]
 
-# %% ../nbs/01_t5.ipynb #aee39831
+# %% ../nbs/01_t5.ipynb #0e156b7c
 def _dense(features, name, dtype, scale=1.0):
     init = nn.initializers.variance_scaling(scale, "fan_in", "normal")
     return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, name=name)
@@ -165,7 +165,7 @@ class Attention(nn.Module):
         cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_Bx1xHxE, position, axis=1)
         return cached_k.value, cached_v.value
 
-# %% ../nbs/01_t5.ipynb #ed996c83
+# %% ../nbs/01_t5.ipynb #106f93f3
 class GatedGeluMlp(nn.Module):
     "T5 1.1's MLP: `wo(gelu(wi_0 x) * wi_1 x)`."
     config: T5Config
@@ -177,7 +177,7 @@ class GatedGeluMlp(nn.Module):
         hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
         return _dense(c.d_model, "wo", c.dtype)(hidden)
 
-# %% ../nbs/01_t5.ipynb #a7a0d004
+# %% ../nbs/01_t5.ipynb #742c09c4
 def _masked_bias(mask):
     "Boolean attention mask to an additive bias."
     return jnp.where(mask, 0.0, -1e10).astype(jnp.float32)
@@ -215,7 +215,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.dtype, name="pre_mlp_layer_norm")(y_BxTxD)
         return y_BxTxD + dropout(GatedGeluMlp(c, name="mlp")(h, deterministic))
 
-# %% ../nbs/01_t5.ipynb #ac6176eb
+# %% ../nbs/01_t5.ipynb #32f6832e
 class Encoder(nn.Module):
     "The T5 1.1 encoder stack, with an optional soft prompt."
     config: T5Config
@@ -239,7 +239,7 @@ class Encoder(nn.Module):
         x = RMSNorm(c.dtype, name="encoder_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic), valid_BxS
 
-# %% ../nbs/01_t5.ipynb #291eb1cb
+# %% ../nbs/01_t5.ipynb #d9561624
 class Decoder(nn.Module):
     "The T5 1.1 decoder stack and its untied output layer."
     config: T5Config
@@ -291,7 +291,7 @@ class Decoder(nn.Module):
             position.value = current + 1
         return current
 
-# %% ../nbs/01_t5.ipynb #f20c83dc
+# %% ../nbs/01_t5.ipynb #6958f5c8
 def _embedder(c):
     return nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(1.0), dtype=c.dtype,
                     name="token_embedder")
@@ -337,7 +337,7 @@ class DecoderOnly(nn.Module):
         return self.decoder(self.token_embedder(decoder_input_tokens_BxT), decoder_input_tokens_BxT, deterministic,
                             decoder_causal_attention_BxT=decoder_causal_attention_BxT)
 
-# %% ../nbs/01_t5.ipynb #bf36f08b
+# %% ../nbs/01_t5.ipynb #7f880590
 def _model(config, prompt_length=0, placement=None):
     if config.decoder_only:
         return DecoderOnly(config, prompt_length, placement or prefix_after_bos)
@@ -358,7 +358,7 @@ def init_params(config: T5Config,  # the model
     tokens = jnp.ones((1, 1), jnp.int32)
     return model.init(rng, tokens, tokens)["params"]
 
-# %% ../nbs/01_t5.ipynb #c9168b9c
+# %% ../nbs/01_t5.ipynb #86410461
 def prompt_length_of(config: T5Config, params: dict) -> int:
     "P of the prompt stored in `params`, or 0."
     stack = params.get(_prompt_stack(config), {})
@@ -388,7 +388,7 @@ def _check_tokens(config, name, tokens):
         raise ValueError(f"{name} holds ids in [{tokens.min()}, {tokens.max()}], outside the vocabulary "
                          f"[0, {config.vocab_size})")
 
-# %% ../nbs/01_t5.ipynb #893353f3
+# %% ../nbs/01_t5.ipynb #81f782b9
 def num_params(config: T5Config,  # the model
                prompt_length: int = 0,  # P, counted too when given
                ) -> int:
@@ -396,7 +396,7 @@ def num_params(config: T5Config,  # the model
     shapes = jax.eval_shape(functools.partial(init_params, config, prompt_length=prompt_length), jax.random.key(0))
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
 
-# %% ../nbs/01_t5.ipynb #1503d1a7
+# %% ../nbs/01_t5.ipynb #cfd99156
 def forward(config: T5Config,  # the model (static under `jit`)
             params: dict,  # the parameter tree
             encoder_input_tokens: jax.Array,  # `[B, T_enc]` int ids, 0 is padding
@@ -417,7 +417,7 @@ def forward(config: T5Config,  # the model (static under `jit`)
     return model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens,
                        deterministic=dropout_rng is None, rngs=rngs)
 
-# %% ../nbs/01_t5.ipynb #468b7549
+# %% ../nbs/01_t5.ipynb #475c7042
 def greedy_decode(config: T5Config,  # the model (static under `jit`)
                   params: dict,  # the parameter tree
                   encoder_input_tokens: jax.Array,  # `[B, T_enc]`
@@ -455,7 +455,7 @@ def greedy_decode(config: T5Config,  # the model (static under `jit`)
     _, tokens_LxB = jax.lax.scan(step, (cache, start, jnp.zeros(batch, bool)), None, length=max_decode_length)
     return tokens_LxB.T
 
-# %% ../nbs/01_t5.ipynb #c5f77484
+# %% ../nbs/01_t5.ipynb #effd7b4b
 def shift_right(targets_BxL: jax.Array) -> jax.Array:
     "Decoder inputs for `targets`: a 0 (BOS) first, the last target dropped."
     return jnp.pad(targets_BxL, ((0, 0), (1, 0)))[:, :-1]
@@ -483,7 +483,7 @@ def score_targets(config: T5Config,  # the model (static under `jit`)
     token_ll_NxL = jnp.take_along_axis(jax.nn.log_softmax(logits), targets_NxL[..., None], axis=-1)[..., 0]
     return jnp.sum(token_ll_NxL * (targets_NxL != 0), axis=-1).reshape(batch, num_candidates)
 
-# %% ../nbs/01_t5.ipynb #89423c43
+# %% ../nbs/01_t5.ipynb #5451e1ac
 def decoder_only_forward(config: T5Config,  # a `decoder_only=True` model (static under `jit`)
                          params: dict,  # the parameter tree
                          decoder_input_tokens: jax.Array,  # `[B, T]`, BOS (0) first

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['split_gin_flags', 'build_parser', 'initialize_multihost', 'summary', 'main']
 
-# %% ../nbs/22a_train_cli.ipynb #ce1b6bbd
+# %% ../nbs/22a_train_cli.ipynb #15356695
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow (through seqio) is imported
@@ -23,7 +23,7 @@ from .training.loop import TrainResult
 
 _log = logging.getLogger(__name__)
 
-# %% ../nbs/22a_train_cli.ipynb #db3560b1
+# %% ../nbs/22a_train_cli.ipynb #84914e1c
 def split_gin_flags(argv: list,  # command-line arguments without the program name
                     ) -> tuple:
     "`(other arguments, bindings)`: each `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`."
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tfds_data_dir", default=None, help="TFDS data folder (GLUE / SuperGLUE tasks)")
     return parser
 
-# %% ../nbs/22a_train_cli.ipynb #d59792ce
+# %% ../nbs/22a_train_cli.ipynb #9f9b8e4d
 def initialize_multihost() -> None:
     "Call `jax.distributed.initialize()` unless this process already did; log the process and device counts."
     if jax.distributed.is_initialized():
@@ -65,7 +65,7 @@ def initialize_multihost() -> None:
     _log.info("multi-host: process %d of %d, %d local and %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
 
-# %% ../nbs/22a_train_cli.ipynb #7f522c3f
+# %% ../nbs/22a_train_cli.ipynb #5709b6e2
 def summary(result) -> str:
     "One line about a run's result."
     if isinstance(result, TrainResult):
@@ -108,7 +108,7 @@ def main(argv: Optional[list] = None,  # arguments without the program name; Non
     print(summary(result), flush=True)
     return result
 
-# %% ../nbs/22a_train_cli.ipynb #c546631d
+# %% ../nbs/22a_train_cli.ipynb #0a56c2d9
 if __name__ == "__main__" and "__file__" in globals():  # run as `python -m`, not in a notebook
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("prompt_tuning_nb").setLevel(logging.INFO)  # our progress lines, not every library's

@@ -6,7 +6,7 @@
 __all__ = ['ZOO_RECIPES', 'ZOO_FORMAT', 'PretrainingRecipe', 'longer', 'zoo_key', 'encoder_use', 'zoo_folder', 'pretrained_model',
            'main']
 
-# %% ../nbs/25_zoo.ipynb #5decf861
+# %% ../nbs/25_zoo.ipynb #4165354f
 import argparse
 import dataclasses
 import hashlib
@@ -29,7 +29,7 @@ from .training.loop import train
 from .training.optim import pretraining_rules
 from .training.step import LossConfig
 
-# %% ../nbs/25_zoo.ipynb #e00cea5a
+# %% ../nbs/25_zoo.ipynb #87ee977b
 @dataclasses.dataclass(frozen=True)
 class PretrainingRecipe:
     "How a miniature model is pretrained: stages of (task, steps), then the shared settings."
@@ -52,7 +52,7 @@ class PretrainingRecipe:
             return {"inputs": self.inputs_length, "targets": span_corruption_lengths(self.inputs_length)[1]}
         return {"inputs": self.inputs_length, "targets": self.prefix_lm_targets_length}
 
-# %% ../nbs/25_zoo.ipynb #b82e2b7d
+# %% ../nbs/25_zoo.ipynb #cd833a38
 ZOO_RECIPES = {
     "mini_xs": PretrainingRecipe(stages=(("wikitext2_span_corruption", 1200), ("wikitext2_prefix_lm", 600))),
     "mini_s": PretrainingRecipe(stages=(("wikitext2_span_corruption", 800), ("wikitext2_prefix_lm", 400))),
@@ -67,7 +67,7 @@ def longer(recipe: PretrainingRecipe,  # a recipe
     "The same recipe with `factor` times the steps (a longer, better zoo)."
     return dataclasses.replace(recipe, stages=tuple((task, max(1, round(steps * factor))) for task, steps in recipe.stages))
 
-# %% ../nbs/25_zoo.ipynb #b2a67eb4
+# %% ../nbs/25_zoo.ipynb #0330bc71
 ZOO_FORMAT = 1  # bump when the pretraining code changes what a recipe produces
 
 
@@ -82,7 +82,7 @@ def zoo_key(config: t5.T5Config,  # the model
                  "vocab": repr(vocab), "data": data}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/25_zoo.ipynb #eccefd30
+# %% ../nbs/25_zoo.ipynb #c124be60
 def encoder_use(config: t5.T5Config,  # an encoder-decoder model
                 params: dict,  # its parameters
                 batches: list,  # validation batches (T5X feature names), at least 2 rows each
@@ -108,7 +108,7 @@ def encoder_use(config: t5.T5Config,  # an encoder-decoder model
     true_loss, shuffled_loss = total[0] / total[2], total[1] / total[2]
     return {"loss": float(true_loss), "shuffled_loss": float(shuffled_loss), "gap": float(shuffled_loss - true_loss)}
 
-# %% ../nbs/25_zoo.ipynb #a5219574
+# %% ../nbs/25_zoo.ipynb #74096b95
 def _stage_batches(task, split, recipe, seed, vocab, shuffle=True):
     return task_batches(task, split, recipe.batch_size, recipe.feature_lengths(task), seed=seed, vocab=vocab,
                         shuffle=shuffle)
@@ -170,7 +170,7 @@ def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
     _write_json(folder / "info.json", info)
     return config, params, info
 
-# %% ../nbs/25_zoo.ipynb #ff1c2cb0
+# %% ../nbs/25_zoo.ipynb #7752525b
 def main(argv=None,  # command-line arguments without the program name; None reads `sys.argv`
          ):
     "Pretrain (or resume) the zoo's models: `python -m prompt_tuning_nb.zoo --sizes mini_xs,mini_s --factor 1`."

@@ -13,7 +13,7 @@ __all__ = ['task_table', 'CACHE_ENV', 'FILES', 'WHEELS', 'SourceUnavailable', 'c
            'random_spans_noise_mask', 'span_corruption', 'span_corruption_lengths', 'FEATURES', 'task_arrays',
            'task_batches', 'task_examples']
 
-# %% ../../nbs/15_data.ipynb #02e395cb
+# %% ../../nbs/15_data.ipynb #fa2c6576
 from .sources import (
     CACHE_ENV, FILES, WHEELS, SourceUnavailable, cache_dir, fetch_wheel, read_source)
 from .corpora import (
@@ -28,7 +28,7 @@ from .pretraining import (
     PRETRAINING_TASKS, prefix_lm_split, random_spans_noise_mask, span_corruption, span_corruption_lengths)
 from .batches import FEATURES, task_arrays, task_batches, task_examples
 
-# %% ../../nbs/15_data.ipynb #13055f66
+# %% ../../nbs/15_data.ipynb #a882bd5b
 _all_ = ["CACHE_ENV", "FILES", "WHEELS", "SourceUnavailable", "cache_dir", "fetch_wheel", "read_source",
          "CORPORA", "SPLITS", "SPLIT_FINGERPRINTS", "SPLIT_SIZES", "Example", "load_corpora", "news_articles",
          "split_fingerprint", "wikitext2", "DEFAULT_VOCAB_SIZE", "T5_EXTRA_IDS", "TrainedVocabulary",

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FEATURES', 'ARRAYS_VERSION', 'task_arrays', 'task_examples', 'task_batches']
 
-# %% ../../nbs/15f_batches.ipynb #a20ff247
+# %% ../../nbs/15f_batches.ipynb #0381dc88
 import hashlib
 import json
 import os
@@ -19,7 +19,7 @@ from .sources import cache_dir
 from .tasks import _build_corpus_task, get_task, task_info
 from .vocab import get_vocabulary
 
-# %% ../../nbs/15f_batches.ipynb #db2be0ab
+# %% ../../nbs/15f_batches.ipynb #1bb2dddf
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 _ARRAYS: dict = {}
 _MAX_CACHED = 8
@@ -88,7 +88,7 @@ def task_arrays(task_name: str,  # a task (see `prompt_tuning_nb.data.tasks.TASK
         _ARRAYS[key] = arrays
     return _ARRAYS[key]
 
-# %% ../../nbs/15f_batches.ipynb #d489ecc9
+# %% ../../nbs/15f_batches.ipynb #6d776731
 def task_examples(task_name: str,  # a classification or benchmark task
                   split: str,  # "train", "validation" or "test"
                   ) -> list:
@@ -106,7 +106,7 @@ def task_examples(task_name: str,  # a classification or benchmark task
                     "idx": idx, "label": int(x["label"])})
     return out
 
-# %% ../../nbs/15f_batches.ipynb #f6ee00fa
+# %% ../../nbs/15f_batches.ipynb #960004f8
 def _sources(task_name: str) -> tuple:
     if task_name in seqio.MixtureRegistry.names():
         mixture = seqio.get_mixture_or_task(task_name)

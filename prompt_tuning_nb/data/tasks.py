@@ -8,7 +8,7 @@ __all__ = ['TASKS', 'T5_PREPROCESSORS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATIO
            'to_text2text', 'format_example', 't5_output_features', 'strip_postprocessor',
            'register_classification_tasks', 'register_classification_task', 'Benchmark', 'register_benchmark_tasks']
 
-# %% ../../nbs/15d_tasks.ipynb #d31cff64
+# %% ../../nbs/15d_tasks.ipynb #82d1bfbf
 import dataclasses
 import functools
 from typing import Callable, Optional, Sequence, Union
@@ -20,7 +20,7 @@ import tensorflow as tf
 from .corpora import CORPORA, SPLITS, SPLIT_SIZES, clean_text, load_corpora
 from .vocab import default_vocabulary, get_vocabulary
 
-# %% ../../nbs/15d_tasks.ipynb #95aa9b3e
+# %% ../../nbs/15d_tasks.ipynb #1c3c7b10
 def accuracy(targets: Sequence[str],  # gold label words
              predictions: Sequence[str],  # predicted label words
              ) -> dict:
@@ -51,7 +51,7 @@ def f1_of(label: str,  # the positive class, e.g. "equivalent" for MRPC
         return {"f1": 100.0 * _f1(list(targets), list(predictions), label)}
     return f1
 
-# %% ../../nbs/15d_tasks.ipynb #c1b853b2
+# %% ../../nbs/15d_tasks.ipynb #2e5bf0cd
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
     "What a task is, and how to build its seqio task for a vocabulary."
@@ -114,7 +114,7 @@ def label_words(name: str,  # a classification or benchmark task
         raise ValueError(f"task {name!r} is a {info.kind} task and has no label words")
     return info.label_words
 
-# %% ../../nbs/15d_tasks.ipynb #3f31dbf5
+# %% ../../nbs/15d_tasks.ipynb #253f3d14
 def to_text2text(dataset: tf.data.Dataset,  # examples with the task's fields, "label" and "idx"
                  prefix: str,  # first word of the inputs, e.g. "rte"
                  fields: tuple,  # input fields in order, e.g. ("sentence1", "sentence2")
@@ -155,7 +155,7 @@ def format_example(name: str,  # a classification or benchmark task
         raise ValueError(f"label {label!r} is not a label word of task {name!r}: {', '.join(words)}")
     return {"inputs": " ".join(parts), "targets": "<unk>" if label is None else label}
 
-# %% ../../nbs/15d_tasks.ipynb #527a3750
+# %% ../../nbs/15d_tasks.ipynb #08816d1b
 def t5_output_features(vocab: seqio.Vocabulary,  # the vocabulary of both features
                        ) -> dict:
     "T5's output features: `inputs` and `targets` with EOS, both with `vocab`."
@@ -213,7 +213,7 @@ def register_classification_tasks() -> list:
 
 CLASSIFICATION_TASKS = register_classification_tasks()
 
-# %% ../../nbs/15d_tasks.ipynb #dc340a7b
+# %% ../../nbs/15d_tasks.ipynb #0cedc3f2
 def register_classification_task(name: str,  # new task name (letters, digits, `_`, `.`, `:`)
                                  splits: dict,  # {split: [(text, label), ...]}
                                  label_words: Sequence[str],  # the labels, in class-id order
@@ -253,7 +253,7 @@ def register_classification_task(name: str,  # new task name (letters, digits, `
     return register_task(TaskInfo(name, "classification", words, description, build, prefix=name,
                                   fields=(field,)))
 
-# %% ../../nbs/15d_tasks.ipynb #7fc137ff
+# %% ../../nbs/15d_tasks.ipynb #bbe1c540
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     "A TFDS text-classification data set in T5's text-to-text format."

@@ -7,7 +7,7 @@ __all__ = ['T5_SPECIAL_IDS', 'T5_EXTRA_IDS', 'DEFAULT_VOCAB_SIZE', 'ASCII_CHARS'
            'check_t5_special_ids', 'VocabSettings', 'split_sentences', 'training_sentences', 'train_vocabulary',
            'TrainedVocabulary', 'default_vocabulary', 'get_vocabulary', 'padded_vocab_size', 'pieces_per_word']
 
-# %% ../../nbs/15c_vocab.ipynb #fdc67449
+# %% ../../nbs/15c_vocab.ipynb #524c1ce0
 import dataclasses
 import fcntl
 import hashlib
@@ -29,7 +29,7 @@ import sentencepiece as spm
 from .corpora import news_articles, wikitext2
 from .sources import cache_dir
 
-# %% ../../nbs/15c_vocab.ipynb #04e42d54
+# %% ../../nbs/15c_vocab.ipynb #e65a6716
 T5_SPECIAL_IDS = {"pad": 0, "eos": 1, "unk": 2}
 T5_EXTRA_IDS = 100  # sentinel ids seqio appends above the pieces
 
@@ -49,7 +49,7 @@ def check_t5_special_ids(model: Union[str, Path, bytes],  # a `.model` path or i
         raise ValueError(f"{name} does not have T5's special ids: expected pad=0, eos=1, unk=2, found "
                          + ", ".join(f"{k}={v}" for k, v in found.items()))
 
-# %% ../../nbs/15c_vocab.ipynb #c0ae7f53
+# %% ../../nbs/15c_vocab.ipynb #e390bb45
 DEFAULT_VOCAB_SIZE = 8000
 ASCII_CHARS = string.ascii_letters + string.digits + string.punctuation
 VOCAB_CORPORA = ("wikitext2", "wikitext2+news")
@@ -99,7 +99,7 @@ def training_sentences(settings: VocabSettings,  # which corpus and which sample
         sentences = [sentences[i] for i in sorted(keep)]
     return sentences
 
-# %% ../../nbs/15c_vocab.ipynb #98ab7ff9
+# %% ../../nbs/15c_vocab.ipynb #3fdd784a
 def train_vocabulary(settings: VocabSettings = VocabSettings(),  # what to train
                      verbose: bool = True,  # print a progress line when training
                      ) -> Path:
@@ -131,7 +131,7 @@ def train_vocabulary(settings: VocabSettings = VocabSettings(),  # what to train
             print(f"prompt_tuning_nb: trained in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return path
 
-# %% ../../nbs/15c_vocab.ipynb #7888cbd9
+# %% ../../nbs/15c_vocab.ipynb #c710eec9
 class TrainedVocabulary(seqio.SentencePieceVocabulary):
     "A seqio SentencePiece vocabulary trained on first use from `VocabSettings`."
 
@@ -186,7 +186,7 @@ def padded_vocab_size(vocab: seqio.Vocabulary,  # a vocabulary, extra ids includ
     "Embedding rows for `vocab`: its size (pieces + extra ids) rounded up to `multiple`."
     return int(math.ceil(vocab.vocab_size / multiple) * multiple)
 
-# %% ../../nbs/15c_vocab.ipynb #8293ca5f
+# %% ../../nbs/15c_vocab.ipynb #66f11b90
 def pieces_per_word(vocab: seqio.Vocabulary,  # the vocabulary to measure
                     texts,  # an iterable of strings
                     ) -> float:

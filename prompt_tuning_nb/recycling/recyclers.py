@@ -7,7 +7,7 @@ __all__ = ['RECYCLERS', 'RECYCLER_ALIASES', 'RecyclingError', 'as_table', 'check
            'state_field', 'Recycler', 'V2VLin', 'LinComb', 'init_mlp', 'train_mlp', 'V2VNN', 'settings_of',
            'make_recycler', 'fit_recycler', 'save_recycler', 'load_recycler']
 
-# %% ../../nbs/40a_recyclers.ipynb #d29c9d1a
+# %% ../../nbs/40a_recyclers.ipynb #0923c151
 import dataclasses
 import functools
 import json
@@ -25,7 +25,7 @@ import optax
 
 _log = logging.getLogger(__name__)
 
-# %% ../../nbs/40a_recyclers.ipynb #40652ccf
+# %% ../../nbs/40a_recyclers.ipynb #ce51e698
 class RecyclingError(ValueError):
     "Bad input to recycling (one-line message: what, what is wrong, what was expected)."
     def __init__(self, message: str):
@@ -65,7 +65,7 @@ def check_prompt_width(prompt_PxHs,  # the prompt to recycle
                              f"model's width {width}; expected a prompt [P, {width}] trained on the source model")
     return prompt_PxHs
 
-# %% ../../nbs/40a_recyclers.ipynb #0fc5a481
+# %% ../../nbs/40a_recyclers.ipynb #d3cb3e8c
 def state_field():
     "A dataclass field for what `fit` learns (saved by `save_recycler`, not a setting)."
     return dataclasses.field(default=None, repr=False, metadata={"state": True})
@@ -103,7 +103,7 @@ class Recycler:
     def _fit(self, source_NxHs, target_NxHt): raise NotImplementedError
     def _apply(self, prompt_PxHs): raise NotImplementedError
 
-# %% ../../nbs/40a_recyclers.ipynb #188cd711
+# %% ../../nbs/40a_recyclers.ipynb #5a2b6b27
 @dataclasses.dataclass
 class V2VLin(Recycler):
     "v2v-lin: the least-squares linear map `[Hs, Ht]` from source to target embeddings."
@@ -120,7 +120,7 @@ class V2VLin(Recycler):
     def _apply(self, prompt_PxHs):
         return prompt_PxHs.astype(np.float64) @ self.map_HsxHt.astype(np.float64)
 
-# %% ../../nbs/40a_recyclers.ipynb #40a9fc4e
+# %% ../../nbs/40a_recyclers.ipynb #1f0bce73
 @dataclasses.dataclass
 class LinComb(Recycler):
     "lin-comb: the prompt as a least-squares combination of source rows, applied to the target rows."
@@ -137,7 +137,7 @@ class LinComb(Recycler):
                                                rcond=None)
         return coefficients_NxP.T @ self.target_NxHt.astype(np.float64)
 
-# %% ../../nbs/40a_recyclers.ipynb #20253949
+# %% ../../nbs/40a_recyclers.ipynb #8378ff4e
 def _mlp(params, x_NxHs):
     "The v2v-nn network: `relu(x @ W1 + b1) @ W2 + b2`."
     hidden = jax.nn.relu(x_NxHs @ params["hidden"]["kernel"] + params["hidden"]["bias"])
@@ -191,7 +191,7 @@ def train_mlp(params: dict,  # initial parameters (from `init_mlp`)
     (params, _), losses = jax.lax.scan(epoch, (params, optimizer.init(params)), jax.random.split(rng, epochs))
     return params, losses
 
-# %% ../../nbs/40a_recyclers.ipynb #2faa8af5
+# %% ../../nbs/40a_recyclers.ipynb #aa582ef0
 @dataclasses.dataclass
 class V2VNN(Recycler):
     "v2v-nn: an MLP (hidden `hidden_scale * Ht`, ReLU) trained with Adam to map source to target embeddings."
@@ -221,7 +221,7 @@ class V2VNN(Recycler):
     def _apply(self, prompt_PxHs):
         return _mlp(self.params, jnp.asarray(prompt_PxHs))
 
-# %% ../../nbs/40a_recyclers.ipynb #457e4d0a
+# %% ../../nbs/40a_recyclers.ipynb #aa218449
 RECYCLERS = {cls.name: cls for cls in (V2VNN, V2VLin, LinComb)}
 RECYCLER_ALIASES = {"jax-nn": "v2v-nn", "tf-lstsq": "v2v-lin", "linear-combination": "lin-comb"}
 
@@ -244,7 +244,7 @@ def make_recycler(name: str,  # "v2v-nn", "v2v-lin" or "lin-comb" (or the origin
                              f"{', '.join(settings_of(RECYCLERS[key])) or 'none'}")
     return RECYCLERS[key](**settings)
 
-# %% ../../nbs/40a_recyclers.ipynb #8b2decf4
+# %% ../../nbs/40a_recyclers.ipynb #d7353707
 def fit_recycler(recycler: Recycler | str,  # a recycler, or its name
                  source_VxHs,  # the source model's whole token embedding table
                  target_VxHt,  # the target model's whole token embedding table
@@ -263,7 +263,7 @@ def fit_recycler(recycler: Recycler | str,  # a recycler, or its name
                              f"embedding tables' {rows} rows; expected a word list of these models' vocabulary")
     return recycler.fit(np.asarray(source_VxHs)[word_ids], np.asarray(target_VxHt)[word_ids])
 
-# %% ../../nbs/40a_recyclers.ipynb #2183ce7d
+# %% ../../nbs/40a_recyclers.ipynb #3853f050
 def _flat_arrays(tree, prefix: str) -> dict:
     "`{prefix/a/b: array}` for a nested dict of arrays (or one array)."
     if isinstance(tree, dict):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EMBEDDING_VARIABLE', 'load_embeddings', 'word_ids_for', 'recycle', 'main']
 
-# %% ../../nbs/40c_run_recycle.ipynb #a0ccf917
+# %% ../../nbs/40c_run_recycle.ipynb #5301ce2c
 import argparse
 import logging
 import math
@@ -24,7 +24,7 @@ from .vocab_filter import load_word_list, select_word_ids, sentencepiece_words
 
 _log = logging.getLogger(__name__)
 
-# %% ../../nbs/40c_run_recycle.ipynb #8b007b4c
+# %% ../../nbs/40c_run_recycle.ipynb #cb1b902d
 EMBEDDING_VARIABLE = "token_embedder/embedding"
 
 
@@ -119,7 +119,7 @@ def load_embeddings(path: str | os.PathLike,  # .npy table, T5X checkpoint (or M
                                   "checkpoints), nor a Hugging Face T5 folder; expected one of those or an .npy table")
     return as_table(table, f"{text}: embedding table")
 
-# %% ../../nbs/40c_run_recycle.ipynb #74803e3d
+# %% ../../nbs/40c_run_recycle.ipynb #131eb0db
 def _default_vocab(rows: int):
     "The project's default vocabulary, if a T5-style table for it has `rows` rows (checked before it is loaded)."
     from prompt_tuning_nb.data import default_vocabulary  # the data module, only when needed
@@ -153,7 +153,7 @@ def word_ids_for(rows: int,  # rows of the models' embedding tables
                                  "rows; expected the vocabulary of these models")
     return select_word_ids(words, num_words, word_offset)
 
-# %% ../../nbs/40c_run_recycle.ipynb #7e8c8903
+# %% ../../nbs/40c_run_recycle.ipynb #f0131383
 def recycle(source_model: str | os.PathLike,  # the model the prompt was trained on
             target_model: str | os.PathLike,  # the model to recycle the prompt to
             prompt_path: str | os.PathLike,  # the prompt (any format `checkpoints.load_prompt` reads)
@@ -218,7 +218,7 @@ def main(argv: list | None = None,  # command-line arguments without the program
           f"({args.num_words} words from offset {args.word_offset})")
     return path
 
-# %% ../../nbs/40c_run_recycle.ipynb #f98d7fce
+# %% ../../nbs/40c_run_recycle.ipynb #7ed5196f
 if __name__ == "__main__" and "__file__" in globals():  # run as `python -m`, not in a notebook
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("prompt_tuning_nb").setLevel(logging.INFO)  # our progress lines, not every library's

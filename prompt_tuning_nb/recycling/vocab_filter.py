@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['load_word_list', 'sentencepiece_words', 'select_word_ids', 'word_list_overlap']
 
-# %% ../../nbs/40b_vocab_filter.ipynb #52059811
+# %% ../../nbs/40b_vocab_filter.ipynb #7ea8ddb1
 import json
 import os
 from pathlib import Path
@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from .recyclers import RecyclingError
 
-# %% ../../nbs/40b_vocab_filter.ipynb #3a7b1fac
+# %% ../../nbs/40b_vocab_filter.ipynb #3e3602e9
 def load_word_list(path: str | os.PathLike,  # a JSON file `{"id": "word", ...}` such as filtered-vocab-english-only.json
                    ) -> dict:
     "`{vocabulary id: word}` of a filtered word list, in id order."
@@ -37,7 +37,7 @@ def load_word_list(path: str | os.PathLike,  # a JSON file `{"id": "word", ...}`
         words[int(key)] = word
     return dict(sorted(words.items()))
 
-# %% ../../nbs/40b_vocab_filter.ipynb #8fcf0f35
+# %% ../../nbs/40b_vocab_filter.ipynb #477cc134
 def _processor(model) -> spm.SentencePieceProcessor:
     "A `SentencePieceProcessor` for a path, the model's bytes, a processor or a seqio SentencePiece vocabulary."
     if isinstance(model, spm.SentencePieceProcessor):
@@ -78,7 +78,7 @@ def sentencepiece_words(model,  # SentencePiece model: path, bytes, SentencePiec
             words[i] = word
     return words
 
-# %% ../../nbs/40b_vocab_filter.ipynb #20986f11
+# %% ../../nbs/40b_vocab_filter.ipynb #d4644ec3
 def select_word_ids(words: Mapping[int, str] | Sequence[int],  # `{id: word}` (or ids), e.g. from `load_word_list`
                     num_words: int = 4000,  # how many words to fit on
                     word_offset: int = 1000,  # how many of the most frequent words to skip
@@ -94,7 +94,7 @@ def select_word_ids(words: Mapping[int, str] | Sequence[int],  # `{id: word}` (o
                              f"{max(len(ids) - word_offset, 0)} words after offset {word_offset})")
     return np.asarray(ids[word_offset:word_offset + num_words], dtype=np.int64)
 
-# %% ../../nbs/40b_vocab_filter.ipynb #2fb2e82d
+# %% ../../nbs/40b_vocab_filter.ipynb #97c62384
 def word_list_overlap(ours: Mapping[int, str] | Sequence[int],  # our word list (ids)
                       reference: Mapping[int, str] | Sequence[int],  # e.g. the paper's list
                       num_words: int = 4000,  # window compared as well: [word_offset, word_offset + num_words)

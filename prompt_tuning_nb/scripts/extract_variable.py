@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['main']
 
-# %% ../../nbs/02a_extract_variable.ipynb #35ea230a
+# %% ../../nbs/02a_extract_variable.ipynb #eb6c579f
 import argparse
 from pathlib import Path
 
 from ..checkpoints import CheckpointError, load_t5x_variable, save_numpy
 
-# %% ../../nbs/02a_extract_variable.ipynb #bf4bd7e5
+# %% ../../nbs/02a_extract_variable.ipynb #57ed2b9e
 def main(argv: list | None = None,  # command-line arguments without the program name; None reads `sys.argv`
          ) -> Path:
     "Extract one variable of a T5X checkpoint to a numpy file; returns the file."
@@ -33,6 +33,6 @@ def main(argv: list | None = None,  # command-line arguments without the program
     print(f"{path}: {args.variable_path} {array.dtype} {tuple(array.shape)}{widened}")
     return path
 
-# %% ../../nbs/02a_extract_variable.ipynb #092a42c6
+# %% ../../nbs/02a_extract_variable.ipynb #ae924892
 if __name__ == "__main__" and "__file__" in globals():  # run as `python -m`, not in a notebook
     main()

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['module_folder', 'main']
 
-# %% ../../nbs/02b_find_module.ipynb #524bdc5c
+# %% ../../nbs/02b_find_module.ipynb #fbf46de1
 import argparse
 import importlib
 from pathlib import Path
 
-# %% ../../nbs/02b_find_module.ipynb #91df86b6
+# %% ../../nbs/02b_find_module.ipynb #06f2fb99
 def module_folder(name: str,  # an importable module name, e.g. `prompt_tuning_nb`
                   ) -> Path:
     "The folder holding the module `name`'s file."
@@ -33,6 +33,6 @@ def main(argv: list | None = None,  # command-line arguments without the program
     print(folder)
     return folder
 
-# %% ../../nbs/02b_find_module.ipynb #d4512181
+# %% ../../nbs/02b_find_module.ipynb #6a36ac56
 if __name__ == "__main__" and "__file__" in globals():  # run as `python -m`, not in a notebook
     main()

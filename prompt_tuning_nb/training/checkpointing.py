@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RunCheckpoints', 'prompt_variable_name', 'export_prompt', 'fingerprint', 'fingerprint_mismatch', 'MetricsLog']
 
-# %% ../../nbs/20c_checkpointing.ipynb #c37b306a
+# %% ../../nbs/20c_checkpointing.ipynb #91f7587a
 import json
 import os
 import tempfile
@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from .. import t5
 from ..checkpoints import save_t5x_numpy_prompt
 
-# %% ../../nbs/20c_checkpointing.ipynb #27df8f59
+# %% ../../nbs/20c_checkpointing.ipynb #170ac6b1
 class RunCheckpoints:
     "Orbax checkpoints of a run: `{directory}/{step}/` with an array tree and a JSON record."
 
@@ -61,7 +61,7 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-# %% ../../nbs/20c_checkpointing.ipynb #b085329e
+# %% ../../nbs/20c_checkpointing.ipynb #1a1fc038
 def prompt_variable_name(config: t5.T5Config) -> str:
     "The prompt's T5X name with dots: `encoder.prompt.prompt.prompt` (`decoder.` for decoder-only models)."
     return ("decoder" if config.decoder_only else "encoder") + ".prompt.prompt.prompt"
@@ -85,7 +85,7 @@ def export_prompt(model_dir: str | os.PathLike,  # the run's MODEL_DIR
             return existing
     return save_t5x_numpy_prompt(model_dir, step, prompt, name=name)
 
-# %% ../../nbs/20c_checkpointing.ipynb #89f39360
+# %% ../../nbs/20c_checkpointing.ipynb #cf06da81
 def fingerprint(flat: dict,  # `{path: array}`
                 ) -> dict:
     "`{path: [shape, dtype, sum, sum of |x|]}`, JSON-able."
@@ -107,7 +107,7 @@ def fingerprint_mismatch(expected: dict,  # fingerprint saved with the checkpoin
             return path
     return None
 
-# %% ../../nbs/20c_checkpointing.ipynb #f5e34186
+# %% ../../nbs/20c_checkpointing.ipynb #b58c031b
 class MetricsLog:
     "A JSON-lines file of metric records (each with a `step`)."
 

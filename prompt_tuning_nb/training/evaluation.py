@@ -7,7 +7,7 @@ __all__ = ['batched', 'score_candidates', 'macro_f1', 'binary_auc', 'classificat
            'exact_match', 'classification_evaluator', 'decoding_evaluator', 'loss_evaluator', 'prepend_tokens',
            'predict', 'write_jsonl', 'infer']
 
-# %% ../../nbs/20b_evaluation.ipynb #7f295fde
+# %% ../../nbs/20b_evaluation.ipynb #88d77e61
 import functools
 import json
 import os
@@ -22,7 +22,7 @@ import scipy.stats
 from .. import t5
 from .step import LossConfig, loss_fn, model_batch
 
-# %% ../../nbs/20b_evaluation.ipynb #3d3e2807
+# %% ../../nbs/20b_evaluation.ipynb #0ae38376
 def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` rows
             arrays: Sequence[np.ndarray],  # arrays with the same first dimension N
             batch_size: int,  # rows per call
@@ -42,7 +42,7 @@ def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` r
         outputs.append(np.asarray(fn(*chunk))[:batch_size - short])
     return np.concatenate(outputs)
 
-# %% ../../nbs/20b_evaluation.ipynb #66946281
+# %% ../../nbs/20b_evaluation.ipynb #28ff40ef
 @functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
 def _score(config, params, inputs, candidates, placement=None):
     kwargs = {} if placement is None else {"placement": placement}
@@ -65,7 +65,7 @@ def score_candidates(config: t5.T5Config,  # an encoder-decoder model
         return batched(lambda x: _score(config, params, x, candidates, placement=placement), [inputs_NxT], batch_size)
     return batched(lambda x, c: _score(config, params, x, c, placement=placement), [inputs_NxT, candidates], batch_size)
 
-# %% ../../nbs/20b_evaluation.ipynb #6ed0db08
+# %% ../../nbs/20b_evaluation.ipynb #86d414c0
 def macro_f1(predictions_N: np.ndarray,  # predicted class ids
              labels_N: np.ndarray,  # true class ids
              ) -> float:
@@ -102,7 +102,7 @@ def classification_metrics(scores_NxC: np.ndarray,  # a score per class (e.g. lo
         metrics["auc"] = binary_auc(scores_NxC[:, 1] - scores_NxC[:, 0], labels_N)
     return metrics
 
-# %% ../../nbs/20b_evaluation.ipynb #2440cbf1
+# %% ../../nbs/20b_evaluation.ipynb #951f1e44
 @functools.partial(jax.jit, static_argnums=(0, 3), static_argnames="placement")
 def _decode(config, params, inputs, max_decode_length, placement=None):
     kwargs = {} if placement is None else {"placement": placement}
@@ -144,7 +144,7 @@ def exact_match(predicted_NxL: np.ndarray,  # decoded tokens
     "Fraction of predictions equal to their target up to EOS."
     return float(np.mean([until_eos(p, eos_id) == until_eos(t, eos_id) for p, t in zip(predicted_NxL, targets_NxL)]))
 
-# %% ../../nbs/20b_evaluation.ipynb #cf278142
+# %% ../../nbs/20b_evaluation.ipynb #d2f78bab
 def classification_evaluator(config: t5.T5Config,  # an encoder-decoder model
                              inputs_NxT: np.ndarray,  # validation inputs
                              labels_N: np.ndarray,  # their class ids
@@ -196,7 +196,7 @@ def loss_evaluator(config: t5.T5Config,  # the model
         return {"cross_entropy": float(totals[0] / totals[2]), "token_accuracy": float(totals[1] / totals[2])}
     return evaluate
 
-# %% ../../nbs/20b_evaluation.ipynb #99cab6ca
+# %% ../../nbs/20b_evaluation.ipynb #88911d35
 def prepend_tokens(inputs_NxT: np.ndarray,  # encoder input tokens, padded with 0 at the end
                    prompt_ids: Sequence[int],  # the text prompt's token ids (no EOS)
                    ) -> np.ndarray:
@@ -207,7 +207,7 @@ def prepend_tokens(inputs_NxT: np.ndarray,  # encoder input tokens, padded with 
     inputs_NxT = np.asarray(inputs_NxT, np.int32)
     return np.concatenate([np.broadcast_to(prompt_ids, (len(inputs_NxT), len(prompt_ids))), inputs_NxT], axis=1)
 
-# %% ../../nbs/20b_evaluation.ipynb #aacdd848
+# %% ../../nbs/20b_evaluation.ipynb #f7ab1f7c
 def predict(config: t5.T5Config,  # an encoder-decoder model
             params: dict,  # its parameters (with the prompt, if any)
             inputs_NxT: np.ndarray,  # encoder input tokens

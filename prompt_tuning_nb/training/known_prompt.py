@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['MarkerTask']
 
-# %% ../../nbs/20e_known_prompt.ipynb #afdf578a
+# %% ../../nbs/20e_known_prompt.ipynb #1d41f11e
 import dataclasses
 
 import numpy as np
 
-# %% ../../nbs/20e_known_prompt.ipynb #f4330e3c
+# %% ../../nbs/20e_known_prompt.ipynb #f28ca41e
 @dataclasses.dataclass(frozen=True)
 class MarkerTask:
     "Binary keyword classification that a model is trained to do only after marker tokens."

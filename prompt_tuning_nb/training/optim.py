@@ -6,7 +6,7 @@
 __all__ = ['FROZEN', 'PROMPT_REGEX', 'Rule', 'Schedule', 'param_labels', 'trainable_paths', 'make_optimizer', 'apply_updates',
            't5x_adafactor', 'rsqrt_schedule', 'prompt_tuning_rules', 'model_tuning_rules', 'pretraining_rules']
 
-# %% ../../nbs/20_optim.ipynb #d9b8625d
+# %% ../../nbs/20_optim.ipynb #ea7d0433
 import re
 from typing import Callable, Optional, Sequence, Union
 
@@ -16,7 +16,7 @@ import optax
 
 from ..checkpoints import flatten_params, unflatten_params
 
-# %% ../../nbs/20_optim.ipynb #6fe4c4a8
+# %% ../../nbs/20_optim.ipynb #fb826589
 FROZEN = "frozen"  # the label of parameters whose rule says `None`
 PROMPT_REGEX = r".*/prompt/.*"  # the original's PROMPT_REGEX: every prompt parameter, encoder or decoder
 Rule = tuple[str, Optional[optax.GradientTransformation]]  # (regex over paths, optimizer or None to freeze)
@@ -56,7 +56,7 @@ def trainable_paths(params: dict,  # the parameter tree
     "The paths that `rules` train, in `flatten_params` order."
     return [p for p, label in flatten_params(param_labels(params, rules)).items() if label != FROZEN]
 
-# %% ../../nbs/20_optim.ipynb #8dbd6b99
+# %% ../../nbs/20_optim.ipynb #921b7d84
 def make_optimizer(rules: Sequence[Rule],  # `(regex, transformation or None)`, first match wins
                    ) -> optax.GradientTransformation:
     "One `optax.multi_transform` applying each rule's transformation to its parameters, zeros to frozen ones."
@@ -74,7 +74,7 @@ def apply_updates(params: dict,  # the parameter tree
         return p if label == FROZEN else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
     return jax.tree.map(apply, params, updates, labels)
 
-# %% ../../nbs/20_optim.ipynb #5f6f4b30
+# %% ../../nbs/20_optim.ipynb #9b263719
 Schedule = Union[float, Callable[[jax.Array], jax.Array]]  # a constant learning rate or an optax schedule
 
 
@@ -95,7 +95,7 @@ def t5x_adafactor(learning_rate: Schedule,  # a constant or an optax schedule of
                            clipping_threshold=clipping_threshold, weight_decay_rate=weight_decay_rate, eps=epsilon,
                            factored=factored)
 
-# %% ../../nbs/20_optim.ipynb #80d720a4
+# %% ../../nbs/20_optim.ipynb #74f8e128
 def rsqrt_schedule(base_learning_rate: float = 1.0,  # T5X's `base_learning_rate` for pretraining
                    warmup_steps: int = 10_000,  # steps at the constant rate `base / sqrt(warmup_steps)`
                    ) -> Callable[[jax.Array], jax.Array]:
@@ -107,7 +107,7 @@ def rsqrt_schedule(base_learning_rate: float = 1.0,  # T5X's `base_learning_rate
         return base_learning_rate * jax.lax.rsqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps))
     return schedule
 
-# %% ../../nbs/20_optim.ipynb #bd69802d
+# %% ../../nbs/20_optim.ipynb #3c26e8f0
 def prompt_tuning_rules(learning_rate: Schedule = 0.3,  # the paper's constant rate
                         *,
                         weight_decay_rate: Optional[float] = 1e-5,  # T5X-style decay of the prompt values
