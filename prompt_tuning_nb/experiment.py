@@ -60,7 +60,7 @@ class ScaleSettings:
     out_dir: Path  # run folders and figures
     zoo_recipe: Optional[PretrainingRecipe] = None  # miniatures: None for the size's default recipe
 
-# %% ../nbs/26_experiment.ipynb #698aa3ac
+# %% ../nbs/26_experiment.ipynb #b77b1a25
 def _one_line(name, value, expected):
     return ValueError(f"parameter {name}={value!r}: expected {expected}")
 
@@ -87,7 +87,7 @@ def _check_checkpoint(size, checkpoint_dir):
 
 SMOKE = dict(size="mini_xs", prompt_length=4, steps=4, batch_size=8, eval_every=2, inputs_length=32,
              max_eval_examples=32, seeds=(0,), from_scratch=False,
-             zoo_recipe=PretrainingRecipe(stages=(("wikitext2_span_corruption", 6), ("wikitext2_prefix_lm", 4)),
+             zoo_recipe=PretrainingRecipe(stages=(("wikitext2_span_corruption", 6), ("wikitext2_span_corruption_prefix_lm", 4)),
                                           batch_size=4, inputs_length=32, prefix_lm_targets_length=16, checkpoint_every=5))
 LADDER = ("mini_xs", "mini_s", "mini_m")  # the default miniature ladder: 1.3M to 13.6M parameters
 

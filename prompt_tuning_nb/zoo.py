@@ -6,7 +6,7 @@
 __all__ = ['ZOO_RECIPES', 'ZOO_FORMAT', 'PretrainingRecipe', 'longer', 'zoo_key', 'encoder_use', 'zoo_folder', 'pretrained_model',
            'main']
 
-# %% ../nbs/25_zoo.ipynb #4165354f
+# %% ../nbs/25_zoo.ipynb #25247817
 import argparse
 import dataclasses
 import hashlib
@@ -23,17 +23,17 @@ import numpy as np
 import optax
 
 from . import t5
-from .checkpoints import load_hf_t5, save_hf_t5
+from .checkpoints import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
 from .data import FILES, cache_dir, default_vocabulary, span_corruption_lengths, task_batches
 from .training.loop import train
 from .training.optim import pretraining_rules
 from .training.step import LossConfig
 
-# %% ../nbs/25_zoo.ipynb #87ee977b
+# %% ../nbs/25_zoo.ipynb #0c259596
 @dataclasses.dataclass(frozen=True)
 class PretrainingRecipe:
     "How a miniature model is pretrained: stages of (task, steps), then the shared settings."
-    stages: tuple = (("wikitext2_span_corruption", 1000), ("wikitext2_prefix_lm", 500))  # (task, steps), in order
+    stages: tuple = (("wikitext2_span_corruption", 1000), ("wikitext2_span_corruption_prefix_lm", 500))  # (task or mixture, steps)
     batch_size: int = 32  # sequences per step
     inputs_length: int = 128  # encoder tokens (span corruption targets follow from it)
     prefix_lm_targets_length: int = 64  # decoder tokens of the prefix-LM stage
@@ -47,18 +47,19 @@ class PretrainingRecipe:
             raise ValueError(f"PretrainingRecipe.stages must be non-empty (task, steps >= 1) pairs, got {self.stages}")
 
     def feature_lengths(self, task: str) -> dict:
-        "`{'inputs', 'targets'}` lengths of one stage's task."
+        "`{'inputs', 'targets'}` lengths of one stage's task (a mixture with span corruption uses its lengths)."
         if "span_corruption" in task:
             return {"inputs": self.inputs_length, "targets": span_corruption_lengths(self.inputs_length)[1]}
         return {"inputs": self.inputs_length, "targets": self.prefix_lm_targets_length}
 
-# %% ../nbs/25_zoo.ipynb #cd833a38
-ZOO_RECIPES = {
-    "mini_xs": PretrainingRecipe(stages=(("wikitext2_span_corruption", 1200), ("wikitext2_prefix_lm", 600))),
-    "mini_s": PretrainingRecipe(stages=(("wikitext2_span_corruption", 800), ("wikitext2_prefix_lm", 400))),
-    "mini_m": PretrainingRecipe(stages=(("wikitext2_span_corruption", 500), ("wikitext2_prefix_lm", 250))),
-    "mini_l": PretrainingRecipe(stages=(("wikitext2_span_corruption", 400), ("wikitext2_prefix_lm", 200))),
-}
+# %% ../nbs/25_zoo.ipynb #44171957
+def _recipe(span_steps, adaptation_steps):
+    return PretrainingRecipe(stages=(("wikitext2_span_corruption", span_steps),
+                                     ("wikitext2_span_corruption_prefix_lm", adaptation_steps)))
+
+
+ZOO_RECIPES = {"mini_xs": _recipe(600, 300), "mini_s": _recipe(400, 200), "mini_m": _recipe(300, 150),
+               "mini_l": _recipe(240, 120)}
 
 
 def longer(recipe: PretrainingRecipe,  # a recipe
@@ -67,8 +68,8 @@ def longer(recipe: PretrainingRecipe,  # a recipe
     "The same recipe with `factor` times the steps (a longer, better zoo)."
     return dataclasses.replace(recipe, stages=tuple((task, max(1, round(steps * factor))) for task, steps in recipe.stages))
 
-# %% ../nbs/25_zoo.ipynb #0330bc71
-ZOO_FORMAT = 1  # bump when the pretraining code changes what a recipe produces
+# %% ../nbs/25_zoo.ipynb #56b2a1e5
+ZOO_FORMAT = 2  # bump when the pretraining code changes what a recipe produces
 
 
 def zoo_key(config: t5.T5Config,  # the model
@@ -108,7 +109,7 @@ def encoder_use(config: t5.T5Config,  # an encoder-decoder model
     true_loss, shuffled_loss = total[0] / total[2], total[1] / total[2]
     return {"loss": float(true_loss), "shuffled_loss": float(shuffled_loss), "gap": float(shuffled_loss - true_loss)}
 
-# %% ../nbs/25_zoo.ipynb #74096b95
+# %% ../nbs/25_zoo.ipynb #ad9bb9ca
 def _stage_batches(task, split, recipe, seed, vocab, shuffle=True):
     return task_batches(task, split, recipe.batch_size, recipe.feature_lengths(task), seed=seed, vocab=vocab,
                         shuffle=shuffle)
@@ -143,10 +144,9 @@ def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
     recipe = recipe or ZOO_RECIPES[size]
     config = t5.T5Config.from_preset(size)
     folder = zoo_folder(size, recipe, root)
-    final = folder / "model"
     if (folder / "info.json").exists():
-        loaded_config, params = load_hf_t5(final)
-        return loaded_config, params, json.loads((folder / "info.json").read_text())
+        _, params = load_t5x_checkpoint(t5x_checkpoint_folder(folder), config)
+        return config, params, json.loads((folder / "info.json").read_text())
     vocab = default_vocabulary()
     params = t5.init_params(config, jax.random.key(recipe.seed))
     rules = pretraining_rules(recipe.base_learning_rate, recipe.warmup_steps)
@@ -164,7 +164,9 @@ def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
         if progress:
             print(f"  validation loss {stages[-1]['loss']:.3f}, with shuffled encoder outputs "
                   f"{stages[-1]['shuffled_loss']:.3f} (encoder-use gap {stages[-1]['gap']:+.3f} nats)")
-    save_hf_t5(final, config, params)
+    final = folder / f"checkpoint_{sum(steps for _, steps in recipe.stages)}"
+    if not final.exists():
+        save_t5x_checkpoint(final, params, step=sum(steps for _, steps in recipe.stages))
     info = {"size": size, "parameters": t5.num_params(config), "recipe": dataclasses.asdict(recipe), "stages": stages,
             "pretraining_minutes": round((time.time() - started) / 60, 2), "folder": str(folder)}
     _write_json(folder / "info.json", info)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FEATURES', 'ARRAYS_VERSION', 'task_arrays', 'task_examples', 'task_batches']
 
-# %% ../../nbs/15f_batches.ipynb #0381dc88
+# %% ../../nbs/15f_batches.ipynb #e8ea1a1d
 import hashlib
 import json
 import os
@@ -15,11 +15,11 @@ import numpy as np
 import seqio
 
 from .corpora import SPLIT_FINGERPRINTS
-from .sources import cache_dir
+from .sources import FILES, cache_dir
 from .tasks import _build_corpus_task, get_task, task_info
 from .vocab import get_vocabulary
 
-# %% ../../nbs/15f_batches.ipynb #1bb2dddf
+# %% ../../nbs/15f_batches.ipynb #81985df5
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 _ARRAYS: dict = {}
 _MAX_CACHED = 8
@@ -40,10 +40,15 @@ def _check_split(task: seqio.Task, split: str) -> None:
 ARRAYS_VERSION = 1  # bump when preprocessing changes what a built-in task's arrays contain
 
 
-def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabulary):
-    if task_info(task_name).build is not _build_corpus_task:
-        return None  # benchmark data (TFDS, maybe mocked), pretraining noise, users' tasks: not cached
-    payload = json.dumps([ARRAYS_VERSION, task_name, SPLIT_FINGERPRINTS[task_name], split, lengths,
+def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabulary, seed: int):
+    "Where a built-in task's arrays are cached on disk; None for benchmark data (TFDS, maybe mocked) and users' tasks."
+    if task_info(task_name).build is _build_corpus_task:
+        data = SPLIT_FINGERPRINTS[task_name]
+    elif task_info(task_name).kind == "pretraining":  # the noise is a function of the seed
+        data = [seed] + [FILES[key].sha256 for key in sorted(FILES) if key.startswith(("wikitext2", "news"))]
+    else:
+        return None
+    payload = json.dumps([ARRAYS_VERSION, task_name, data, split, lengths,
                           hashlib.sha256(vocab.sp_model).hexdigest(), vocab.extra_ids])
     return cache_dir("arrays") / f"{task_name}.{split}.{hashlib.sha256(payload.encode()).hexdigest()[:20]}.npz"
 
@@ -73,7 +78,7 @@ def task_arrays(task_name: str,  # a task (see `prompt_tuning_nb.data.tasks.TASK
     key = (task_name, split, lengths["inputs"], lengths["targets"], seed,
            getattr(vocab, "sentencepiece_model_file", repr(vocab)), vocab.extra_ids)
     if key not in _ARRAYS:
-        path = _disk_path(task_name, split, lengths, vocab)
+        path = _disk_path(task_name, split, lengths, vocab, seed)
         if path is not None and path.is_file():
             with np.load(path) as saved:
                 arrays = {f: saved[f] for f in FEATURES}

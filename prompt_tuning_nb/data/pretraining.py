@@ -168,7 +168,7 @@ def prefix_lm(dataset: tf.data.Dataset,  # examples with tokenized "targets"
 
     return _map_numpy(split_into_chunks(dataset, lengths["inputs"] + lengths["targets"] - 2), np_fn)
 
-# %% ../../nbs/15e_pretraining.ipynb #7967efc7
+# %% ../../nbs/15e_pretraining.ipynb #9169c2b9
 PRETRAINING_CORPORA = {"wikitext2": "WikiText-2", "wikitext2_news": "WikiText-2 + news articles (train)"}
 NUM_PARAGRAPHS = {"train": 17556, "validation": 1841, "test": 2183}  # WikiText-2 paragraphs per split
 NUM_NEWS_ARTICLES = 3788  # non-empty article bodies
@@ -206,6 +206,9 @@ def register_pretraining_tasks() -> list:
             build = functools.partial(_build_pretraining_task, corpus, objective)
             register_task(TaskInfo(name, "pretraining", (), f"{what} on {description}", build))
             names.append(name)
+        mixture = f"{corpus}_span_corruption_prefix_lm"  # LM adaptation that keeps the encoder in use
+        seqio.MixtureRegistry.remove(mixture)
+        seqio.MixtureRegistry.add(mixture, [(f"{corpus}_span_corruption", 1.0), (f"{corpus}_prefix_lm", 1.0)])
     return names
 
 
