@@ -7,7 +7,7 @@ __all__ = ['RECYCLERS', 'RECYCLER_ALIASES', 'RecyclingError', 'as_table', 'check
            'state_field', 'Recycler', 'V2VLin', 'LinComb', 'init_mlp', 'train_mlp', 'V2VNN', 'settings_of',
            'make_recycler', 'fit_recycler', 'save_recycler', 'load_recycler']
 
-# %% ../../nbs/40a_recyclers.ipynb #0923c151
+# %% ../../nbs/40a_recyclers.ipynb #d331a45f
 import dataclasses
 import functools
 import json
@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ..checkpoints import flatten_params, unflatten_params
 
 _log = logging.getLogger(__name__)
 
@@ -263,26 +265,7 @@ def fit_recycler(recycler: Recycler | str,  # a recycler, or its name
                              f"embedding tables' {rows} rows; expected a word list of these models' vocabulary")
     return recycler.fit(np.asarray(source_VxHs)[word_ids], np.asarray(target_VxHt)[word_ids])
 
-# %% ../../nbs/40a_recyclers.ipynb #3853f050
-def _flat_arrays(tree, prefix: str) -> dict:
-    "`{prefix/a/b: array}` for a nested dict of arrays (or one array)."
-    if isinstance(tree, dict):
-        return {k: v for key, node in tree.items() for k, v in _flat_arrays(node, f"{prefix}/{key}").items()}
-    return {prefix: np.asarray(tree)}
-
-
-def _nest(flat: dict) -> dict:
-    "The nested dict of `{a/b: array}`."
-    tree = {}
-    for path, array in flat.items():
-        *scopes, name = path.split("/")
-        node = tree
-        for scope in scopes:
-            node = node.setdefault(scope, {})
-        node[name] = array
-    return tree
-
-
+# %% ../../nbs/40a_recyclers.ipynb #d5b6b42a
 def save_recycler(path: str | os.PathLike,  # the file to write (`.npz` suggested; written exactly there)
                   recycler: Recycler,  # a fitted recycler
                   ) -> Path:
@@ -294,7 +277,7 @@ def save_recycler(path: str | os.PathLike,  # the file to write (`.npz` suggeste
     arrays = {"__recycler__": np.array(json.dumps(header))}
     for field in dataclasses.fields(recycler):
         if field.metadata.get("state") and field.name != "widths":
-            arrays.update(_flat_arrays(getattr(recycler, field.name), field.name))
+            arrays.update({k: np.asarray(v) for k, v in flatten_params({field.name: getattr(recycler, field.name)}).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -321,5 +304,5 @@ def load_recycler(path: str | os.PathLike,  # a file written by `save_recycler`
     except Exception as e:
         raise RecyclingError(f"{path}: not a saved recycler ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                              "expected an .npz file written by save_recycler") from None
-    state = _nest(arrays)
+    state = unflatten_params(arrays)
     return cls(**header["settings"], **state, widths=tuple(header["widths"]))
