@@ -24,7 +24,7 @@ install: $(BIN)/.installed
 # The main job: the miniature scale ladder (pretraining the zoo on first use), then every figure.
 demo: install
 	mkdir -p experiments/out
-	$(BIN)/papermill experiments/scale.ipynb experiments/out/scale.ipynb --cwd .
+	$(BIN)/papermill experiments/scale.ipynb experiments/out/scale.ipynb --cwd . --log-output
 	$(BIN)/papermill experiments/figures.ipynb experiments/out/figures.ipynb --cwd .
 	@echo "Figure 1 (miniature scale): experiments/figures/scale.png (this run: experiments/out/scale/scale.png)"
 
