@@ -6,14 +6,14 @@
 __all__ = ['DEFAULT_DB', 'METHODS', 'INITS', 'INIT_ALIASES', 'SCHEMA_VERSION', 'COLUMNS', 'KEY', 'canonical_init', 'code_version',
            'ResultsStoreError', 'result_row', 'ResultsStore', 'value']
 
-# %% ../nbs/50_results.ipynb #9f45c590
+# %% ../nbs/50_results.ipynb #21d12523
 import json
 import math
 import numbers
 import os
 import sqlite3
 import subprocess
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -181,7 +181,7 @@ def result_row(row: Mapping,  # one measurement: the columns of the schema excep
                            "timestamp", who),
     }
 
-# %% ../nbs/50_results.ipynb #4e717fcc
+# %% ../nbs/50_results.ipynb #d15c3780
 class ResultsStore:
     "An SQLite results store (WAL mode, busy timeout, short transactions): append rows, read them back."
 
@@ -220,22 +220,28 @@ class ResultsStore:
             raise ResultsStoreError(f"results store {self.path} has schema version {version}, newer than this code's "
                                     f"{SCHEMA_VERSION}; update prompt_tuning_nb")
 
-    def _create_schema(self):
+    @contextmanager
+    def _transaction(self, create: bool = False):
+        "One short write transaction (`BEGIN IMMEDIATE`): committed, or rolled back on any error."
         try:
-            with closing(self._connect(create=True)) as connection:
-                if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            with closing(self._connect(create=create)) as connection:
+                if create and connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     connection.execute("PRAGMA journal_mode = WAL")  # persistent: later connections inherit it
                 connection.execute("BEGIN IMMEDIATE")
                 try:
-                    self._check_version(connection.execute("PRAGMA user_version").fetchone()[0])
-                    for statement in _SCHEMA:
-                        connection.execute(statement)
+                    yield connection
                 except BaseException:
                     connection.rollback()
                     raise
                 connection.commit()
         except sqlite3.Error as error:
             raise ResultsStoreError(f"cannot write results store {self.path}: {error}") from None
+
+    def _create_schema(self):
+        with self._transaction(create=True) as connection:
+            self._check_version(connection.execute("PRAGMA user_version").fetchone()[0])
+            for statement in _SCHEMA:
+                connection.execute(statement)
 
     def _fetch(self, sql: str, args: Sequence = ()) -> list:
         try:
@@ -251,7 +257,7 @@ class ResultsStore:
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.path)!r})"
 
-# %% ../nbs/50_results.ipynb #11143049
+# %% ../nbs/50_results.ipynb #525aeddf
 def _add_many(self,
               rows: Iterable[Mapping],  # measurements, each as in `result_row`
               ) -> list[int]:
@@ -262,17 +268,8 @@ def _add_many(self,
         return []
     names = list(checked[0])
     sql = f"INSERT INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-    try:
-        with closing(self._connect()) as connection:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                ids = [connection.execute(sql, [row[n] for n in names]).lastrowid for row in checked]
-            except BaseException:
-                connection.rollback()
-                raise
-            connection.commit()
-    except sqlite3.Error as error:
-        raise ResultsStoreError(f"cannot write results store {self.path}: {error}") from None
+    with self._transaction() as connection:
+        ids = [connection.execute(sql, [row[n] for n in names]).lastrowid for row in checked]
     return ids
 
 
