@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['array_batches', 'EarlyStopping', 'NonFiniteLossError', 'TrainResult', 'train']
 
-# %% ../../nbs/20d_train.ipynb #65eef168
+# %% ../../nbs/20d_train.ipynb #2c740c94
 import dataclasses
 import itertools
 import time
@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from .. import t5
@@ -23,7 +24,7 @@ from ..checkpoints import flatten_params, unflatten_params
 from .optim import Rule, trainable_paths
 from .step import LossConfig, TrainState, init_train_state, make_train_step
 
-# %% ../../nbs/20d_train.ipynb #6c69b314
+# %% ../../nbs/20d_train.ipynb #3bdaa55e
 def array_batches(arrays: dict,  # feature name -> array with N rows (e.g. T5X feature names)
                   batch_size: int,  # B
                   seed: int,  # decides the order of every epoch
@@ -54,7 +55,7 @@ def array_batches(arrays: dict,  # feature name -> array with N rows (e.g. T5X f
         return (batch_at(s) for s in itertools.count(step))
     return batches
 
-# %% ../../nbs/20d_train.ipynb #5b423090
+# %% ../../nbs/20d_train.ipynb #d15c3a8a
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
     "Which validation metric decides the best parameters, and when to give up."
@@ -77,7 +78,7 @@ class EarlyStopping:
             return True
         return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
 
-# %% ../../nbs/20d_train.ipynb #adee7db1
+# %% ../../nbs/20d_train.ipynb #a44463f0
 class NonFiniteLossError(FloatingPointError):
     "The training loss became NaN or infinite; the run stopped."
 
@@ -93,7 +94,7 @@ class TrainResult:
     stopped_early: bool  # patience ran out before `train_steps`
     model_dir: Path  # where the checkpoints, prompt exports and `metrics.jsonl` are
 
-# %% ../../nbs/20d_train.ipynb #16400c37
+# %% ../../nbs/20d_train.ipynb #558b540e
 def _dotted(flat: dict) -> dict:
     return {p.replace("/", "."): v for p, v in flat.items()}
 
@@ -173,7 +174,7 @@ class _Progress:
             self.shown[self.metric] = f"{metrics[self.metric]:.4f}"
             self.bar.set_postfix(self.shown, refresh=False)
 
-# %% ../../nbs/20d_train.ipynb #9f6ed3fa
+# %% ../../nbs/20d_train.ipynb #9897f411
 def _check(train_steps, checkpoint_every, log_every, evaluate, eval_every, early_stopping):
     if train_steps < 1:
         raise ValueError(f"train_steps must be at least 1, got {train_steps}")
@@ -213,6 +214,7 @@ def train(config: t5.T5Config,  # the model
           export_prompts: bool = True,  # write numpy_checkpoints/checkpoint_{step}/ at each checkpoint
           placement: Optional[Callable] = None,  # where the prompt goes; None for the model's default
           progress: bool = True,  # show a tqdm bar with loss, metric and examples/s
+          mesh: Optional[Mesh] = None,  # shard the run over this `('data', 'model')` mesh (`sharding.make_mesh`)
           ) -> TrainResult:
     "Train `params` by `rules` for `train_steps`, resuming from `model_dir` if it holds a checkpoint of this run."
     _check(train_steps, checkpoint_every, log_every, evaluate, eval_every, early_stopping)
@@ -221,7 +223,7 @@ def train(config: t5.T5Config,  # the model
     names = trainable_paths(params, rules)
     flat = flatten_params(params)
     frozen_print = fingerprint({p: v for p, v in flat.items() if p not in names})
-    state = init_train_state(params, rules, seed)
+    state = init_train_state(params, rules, seed, mesh=mesh)
     opt_treedef = jax.tree.structure(state.opt_state)
     checkpoints = RunCheckpoints(model_dir / "checkpoints", keep_checkpoints)
     log = MetricsLog(model_dir / "metrics.jsonl")
@@ -271,7 +273,7 @@ def train(config: t5.T5Config,  # the model
                         early_stopping.metric if early_stopping else None)
         if latest is None and evaluate is not None:
             evaluate_now(state, bar)
-        step_fn = make_train_step(config, rules, loss, placement=placement)
+        step_fn = make_train_step(config, rules, loss, placement=placement, mesh=mesh)
         stream = iter(batches(start)) if not finished else iter(())
         step = start
         while not finished:
