@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['REAL_SIZES', 'METHODS', 'INITS', 'DEFAULT_CHECKPOINT', 'T5_VOCABULARY', 'SMOKE', 'LADDER', 'ScaleSettings',
-           'check_settings', 'enable_compilation_cache', 'load_model', 'TaskData', 'load_task', 'run_method',
-           'run_scale']
+           'check_tasks', 'check_settings', 'enable_compilation_cache', 'load_model', 'TaskData', 'load_task',
+           'run_method', 'result_rows', 'run_scale']
 
-# %% ../nbs/26_experiment.ipynb #20d4f4f4
+# %% ../nbs/26_experiment.ipynb #6d310d69
 import dataclasses
 import itertools
 import tempfile
@@ -22,6 +22,7 @@ from . import initializers, t5
 from .checkpoints import load_t5x_checkpoint
 from .data import cache_dir, get_vocabulary, label_words, task_arrays, task_batches, task_examples, task_info
 from .results import ResultsStore
+from .training.checkpointing import export_prompt
 from .training.evaluation import classification_evaluator, prepend_tokens, score_candidates
 from .training.evaluation import classification_metrics
 from .training.loop import EarlyStopping, train
@@ -60,7 +61,7 @@ class ScaleSettings:
     out_dir: Path  # run folders and figures
     zoo_recipe: Optional[PretrainingRecipe] = None  # miniatures: None for the size's default recipe
 
-# %% ../nbs/26_experiment.ipynb #b77b1a25
+# %% ../nbs/26_experiment.ipynb #c8d061a1
 def _one_line(name, value, expected):
     return ValueError(f"parameter {name}={value!r}: expected {expected}")
 
@@ -99,17 +100,37 @@ def _names(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
+def check_tasks(parameter: str,  # the parameter's name, for the error
+                value,  # task names: a list or a comma-separated string
+                ) -> tuple:
+    "The distinct registered classification tasks named by `value`, or a one-line error naming `parameter`."
+    tasks = _names(value)
+    if not tasks:
+        raise _one_line(parameter, value, "at least one task")
+    for name in tasks:
+        try:
+            info = task_info(name)
+        except ValueError as e:
+            raise _one_line(parameter, name, str(e).split(": ", 1)[-1]) from None
+        if not info.label_words:
+            raise _one_line(parameter, name, "a classification task (with label words)")
+    if len(set(tasks)) < len(tasks):
+        raise _one_line(parameter, value, "distinct task names")
+    return tasks
+
+
 def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, vocabulary=T5_VOCABULARY,
                    prompt_length=100, init="class_label", steps=300, batch_size=32, learning_rate=0.3,
                    model_learning_rate=1e-3, eval_every=50, inputs_length=64, max_eval_examples=None, seeds=(0,),
                    from_scratch=False, results_db="experiments/results.sqlite", out_dir="experiments/out/scale",
                    zoo_recipe=None, smoke=False,
+                   seeds_name="seed",  # what the calling notebook calls `seeds` (for error messages)
                    ) -> ScaleSettings:
     "Every parameter of a scale run checked, with a one-line error naming the first bad one."
     if smoke:
         return check_settings(methods=methods, tasks=tasks, checkpoint_dir=checkpoint_dir, vocabulary=vocabulary,
                               init=init, learning_rate=learning_rate, model_learning_rate=model_learning_rate,
-                              results_db=results_db, out_dir=out_dir, **SMOKE)
+                              results_db=results_db, out_dir=out_dir, seeds_name=seeds_name, **SMOKE)
     sizes = LADDER if size == "mini" else _names(size)
     for s in sizes:
         if s not in t5.PRESETS:
@@ -118,21 +139,14 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
             raise _one_line("size", s, f"a real size ({', '.join(REAL_SIZES)}) or a zoo size ({', '.join(ZOO_RECIPES)})")
         if s in REAL_SIZES:
             _check_checkpoint(s, checkpoint_dir)
-    methods, tasks = _names(methods), _names(tasks)
+    methods, tasks = _names(methods), check_tasks("tasks", tasks)
     try:
         seeds = tuple(int(s) for s in (_names(seeds) if isinstance(seeds, str) else _as_tuple(seeds)))
     except (TypeError, ValueError):
-        raise _one_line("seed", seeds, "an integer or comma-separated integers") from None
+        raise _one_line(seeds_name, seeds, "an integer or comma-separated integers") from None
     for m in methods:
         if m not in METHODS:
             raise _one_line("methods", m, f"one of {', '.join(METHODS)}")
-    for name in tasks:
-        try:
-            info = task_info(name)
-        except ValueError as e:
-            raise _one_line("tasks", name, str(e).split(": ", 1)[-1]) from None
-        if not info.label_words:
-            raise _one_line("tasks", name, "a classification task (with label words)")
     for name, value in (("prompt_length", prompt_length), ("steps", steps), ("batch_size", batch_size),
                         ("eval_every", eval_every), ("inputs_length", inputs_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -144,8 +158,10 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
     for name, value in (("learning_rate", learning_rate), ("model_learning_rate", model_learning_rate)):
         if not isinstance(value, (int, float)) or not value > 0:
             raise _one_line(name, value, "a positive number")
-    if not methods or not tasks or not seeds:
-        raise _one_line("methods/tasks/seeds", (methods, tasks, seeds), "at least one of each")
+    if not methods:
+        raise _one_line("methods", methods, "at least one method")
+    if not seeds:
+        raise _one_line(seeds_name, seeds, "at least one seed")
     _check_writable("out_dir", out_dir)
     _check_writable("results_db", Path(results_db).parent)
     return ScaleSettings(sizes, methods, tasks, checkpoint_dir, vocabulary, prompt_length, init, steps, batch_size,
@@ -197,7 +213,7 @@ def load_task(name: str, vocab, settings: ScaleSettings) -> TaskData:
     return TaskData(name, words, candidates, _split(name, "validation", lengths, vocab, settings.max_eval_examples),
                     _split(name, "test", lengths, vocab, settings.max_eval_examples))
 
-# %% ../nbs/26_experiment.ipynb #ca3102fc
+# %% ../nbs/26_experiment.ipynb #eaa46901
 def _prompt_initializer(init, params, vocab, words):
     table = np.asarray(params["token_embedder"]["embedding"])
     if init == "class_label":
@@ -222,15 +238,17 @@ def _train_and_evaluate(config, params, rules, data, settings, seed, model_dir, 
                    train_steps=settings.steps, seed=seed, loss=LossConfig(), checkpoint_every=settings.steps,
                    evaluate=evaluate, eval_every=settings.eval_every, early_stopping=EarlyStopping("accuracy"),
                    progress=progress)
-    return result.best_metrics, _evaluate(config, result.best_params, data, data.test), result.step
+    return result, _evaluate(config, result.best_params, data, data.test)
 
 
 def run_method(method: str,  # one of `METHODS`
                config: t5.T5Config, params: dict,  # the pretrained model
                data: TaskData, vocab, settings: ScaleSettings,
                seed: int, model_dir: Path,  # the run's seed and folder
-               progress: bool = True) -> dict:
-    "Train (unless prompt design) and evaluate one method: `{validation, test, steps, trainable_params}`."
+               progress: bool = True,
+               prompt_init: Optional[initializers.Initializer] = None,  # prompt tuning's start; None: `settings.init`
+               ) -> dict:
+    "Train (unless prompt design) and evaluate one method: `{validation, test, steps, trainable_params}` (+ prompt files)."
     if method == "prompt_design":
         prompt_ids = vocab.encode(f"Answer {' or '.join(data.label_words)}.")
         design = lambda split: (prepend_tokens(split[0], prompt_ids), split[1])
@@ -240,14 +258,31 @@ def run_method(method: str,  # one of `METHODS`
         rules, start = model_tuning_rules(settings.model_learning_rate), params
         trainable = t5.num_params(config)
     else:
-        init = _prompt_initializer(settings.init, params, vocab, data.label_words)
+        init = prompt_init or _prompt_initializer(settings.init, params, vocab, data.label_words)
         prompt = init(jax.random.key(seed), (settings.prompt_length, config.d_model))
         rules, start = prompt_tuning_rules(settings.learning_rate), t5.with_prompt(config, params, prompt)
         trainable = settings.prompt_length * config.d_model
-    validation, test, steps = _train_and_evaluate(config, start, rules, data, settings, seed, model_dir, vocab, progress)
-    return {"validation": validation, "test": test, "steps": steps, "trainable_params": trainable}
+    result, test = _train_and_evaluate(config, start, rules, data, settings, seed, model_dir, vocab, progress)
+    found = {"validation": result.best_metrics, "test": test, "steps": result.step, "trainable_params": trainable}
+    if method == "prompt_tuning":
+        found["prompt_file"] = export_prompt(model_dir, result.best_step, config, result.best_params)  # the best
+        found["final_prompt_file"] = export_prompt(model_dir, result.step, config, result.params)  # after the last step
+    return found
 
-# %% ../nbs/26_experiment.ipynb #a2635732
+# %% ../nbs/26_experiment.ipynb #80df0b2b
+def result_rows(experiment: str, size: str, method: str, task: str, seed: int,  # what was measured
+                result: dict,  # from `run_method`
+                wall_time: float,  # seconds the run took
+                config: t5.T5Config,  # the model
+                params: dict,  # the run's parameters (the setting the figures compare)
+                ) -> list:
+    "The two store rows (validation, test) of one `run_method` result."
+    return [{"experiment": experiment, "size": size, "method": method, "task": task, "seed": seed,
+             "split": split, "metrics": result[split], "steps": result["steps"], "wall_time": wall_time,
+             "num_params": t5.num_params(config), "trainable_params": result["trainable_params"],
+             "params": params} for split in ("validation", "test")]
+
+
 def run_scale(settings: ScaleSettings,  # from `check_settings`
               experiment: str = "scale",  # the experiment's name in the store
               progress: bool = True,  # progress bars and a line per result
@@ -273,10 +308,7 @@ def run_scale(settings: ScaleSettings,  # from `check_settings`
                               "init": settings.init if method == "prompt_tuning" else None,
                               "pretrained": is_pretrained, "batch_size": settings.batch_size,
                               "train_steps": settings.steps, "inputs_length": settings.inputs_length}
-                new = [{"experiment": experiment, "size": size, "method": method, "task": task, "seed": seed,
-                        "split": split, "metrics": result[split], "steps": result["steps"], "wall_time": wall_time,
-                        "num_params": t5.num_params(config), "trainable_params": result["trainable_params"],
-                        "params": run_params} for split in ("validation", "test")]
+                new = result_rows(experiment, size, method, task, seed, result, wall_time, config, run_params)
                 store.add_many(new)
                 rows += new
                 if progress:

@@ -154,7 +154,7 @@ def draw_lines(ax,  # a matplotlib Axes
     ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/51_figures.ipynb #0f6827d2
+# %% ../nbs/51_figures.ipynb #6de06eb1
 SCALE_METHODS = ("model_tuning", "prompt_tuning", "prompt_design")
 
 
@@ -172,7 +172,8 @@ def _task_note(lines: Mapping, task: Optional[str]) -> str:
 
 
 def _method_figure(store: ResultsStore, methods: Sequence[str], experiment, metric: str, task: Optional[str],
-                   split: str, fixed: Optional[Mapping], title: str, tasks_from: Sequence[str] = ()) -> tuple:
+                   split: str, fixed: Optional[Mapping], title: str, tasks_from: Sequence[str] = (),
+                   vary: Optional[str] = None) -> tuple:
     "Lines of `methods` against size: `(fig, data)`, or `MissingResults`."
     rows = store.rows(experiment=experiment, method=list(methods), task=task, split=split)
     if tasks_from:  # only the tasks these methods were measured on
@@ -180,7 +181,7 @@ def _method_figure(store: ResultsStore, methods: Sequence[str], experiment, metr
         rows = [row for row in rows if row["task"] in targets]
     lines, settings, skipped = {}, {}, 0
     for method in methods:
-        kept, settings[method] = one_setting([row for row in rows if row["method"] == method], fixed=fixed)
+        kept, settings[method] = one_setting([row for row in rows if row["method"] == method], vary, fixed)
         points = score_lines(kept, lambda row: row["method"], metric)
         lines.update(points["lines"])
         skipped += points["skipped"]
@@ -211,7 +212,7 @@ def plot_scale(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results
                                "Model tuning, prompt tuning and prompt design")
     return _saved(fig, data, out_dir, "scale")
 
-# %% ../nbs/51_figures.ipynb #644a5c8f
+# %% ../nbs/51_figures.ipynb #714d2f77
 def example_store(path: str | os.PathLike,  # a new SQLite file
                   ) -> ResultsStore:
     "A small store with made-up rows for every figure (for examples and tests)."
@@ -231,7 +232,7 @@ def example_store(path: str | os.PathLike,  # a new SQLite file
                 add("spot", size, "prompt_tuning", task, seed, base, prompt_length=100, init="class_label")
                 add("spot", size, "model_tuning", task, seed, base + 0.1)
                 add("spot", size, "spot_mixture", task, seed, base + 0.06, prompt_length=100, source="mixture")
-                add("spot", size, "spot_retrieved", task, seed, base + 0.04, prompt_length=100, source="tweets")
+                add("spot", size, "spot_retrieved", task, seed, base + 0.04, prompt_length=100, source=("tweets", "news")[t])
         for t, task in enumerate(("movie_polarity", "spam")):
             add("scale", size, "prompt_design", task, 0, 0.5 + 0.01 * i, steps=0, prompt="Review: {text}")
             for length in (1, 5, 20, 150):
@@ -314,7 +315,7 @@ def plot_init(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
                           task, split, fixed, "Prompt tuning by initialization")
     return _saved(fig, data, out_dir, "init")
 
-# %% ../nbs/51_figures.ipynb #5cc2cf37
+# %% ../nbs/51_figures.ipynb #5ffa9ae1
 SPOT_METHODS = ("prompt_tuning", "spot_mixture", "spot_retrieved", "model_tuning")
 
 
@@ -328,7 +329,8 @@ def plot_spot(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
               ) -> tuple:
     "SPoT's figure: target-task score against model parameters, one line per method; returns `(fig, data)`."
     fig, data = _method_figure(_open(db), SPOT_METHODS, experiment, metric, task, split, fixed,
-                               "Prompt tuning, SPoT and model tuning", tasks_from=("spot_mixture", "spot_retrieved"))
+                               "Prompt tuning, SPoT and model tuning", tasks_from=("spot_mixture", "spot_retrieved"),
+                               vary="source")
     return _saved(fig, data, out_dir, "spot")
 
 # %% ../nbs/51_figures.ipynb #b09f7759

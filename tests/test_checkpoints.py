@@ -381,7 +381,7 @@ def test_step_folder_backup_and_atomicity(tmp_path, monkeypatch):
 
 
 def test_peft_writes_what_peft_reads(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     config = TINY.replace(vocab_size=64)

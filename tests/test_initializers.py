@@ -1,6 +1,5 @@
 """Prompt initializers on the real T5 SentencePiece vocabulary and the reference embedding table."""
 import shutil
-import warnings
 
 import gin
 import jax

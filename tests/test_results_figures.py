@@ -1,7 +1,6 @@
 """The results store under concurrent writers, figures that plot the store's numbers, and the figures notebook."""
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import numpy as np
