@@ -6,12 +6,11 @@
 __all__ = ['SMOKE', 'parse_model', 'model_name', 'model_recipe', 'RecyclingSettings', 'check_recycling_settings',
            'evaluate_prompt', 'random_prompt_like', 'run_recycling']
 
-# %% ../../nbs/40d_recycling_experiment.ipynb #9472a296
+# %% ../../nbs/40d_recycling_experiment.ipynb #408de6f0
 import dataclasses
 import itertools
 import re
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -51,7 +50,7 @@ def model_recipe(name: str,  # a model name
     size, seed = parse_model(name)
     return size, dataclasses.replace(base or ZOO_RECIPES[size], seed=seed)
 
-# %% ../../nbs/40d_recycling_experiment.ipynb #b3330609
+# %% ../../nbs/40d_recycling_experiment.ipynb #a52818cd
 @dataclasses.dataclass(frozen=True)
 class RecyclingSettings:
     "The checked parameters of one recycling run."
@@ -60,22 +59,6 @@ class RecyclingSettings:
     num_words: int  # vocabulary words the recyclers are fit on
     word_offset: int  # most frequent words skipped
     training: experiment.ScaleSettings  # prompt tuning: tasks, steps, P, seeds, batches, store, out_dir, zoo recipe
-
-    @property
-    def tasks(self) -> tuple:
-        return self.training.tasks
-
-    @property
-    def seeds(self) -> tuple:
-        return self.training.seeds
-
-    @property
-    def results_db(self) -> Path:
-        return self.training.results_db
-
-    @property
-    def out_dir(self) -> Path:
-        return self.training.out_dir
 
 
 SMOKE = dict(models=("mini_xs", "mini_s"), num_words=500, word_offset=100)  # with `experiment.SMOKE`'s training
@@ -143,7 +126,7 @@ def random_prompt_like(prompt_PxH: np.ndarray,  # the reference prompt
     noise_PxH = np.random.default_rng(seed).normal(size=np.shape(prompt_PxH))
     return (noise_PxH * np.linalg.norm(prompt_PxH) / np.linalg.norm(noise_PxH)).astype(np.float32)
 
-# %% ../../nbs/40d_recycling_experiment.ipynb #ec99eb3a
+# %% ../../nbs/40d_recycling_experiment.ipynb #1b7a52e4
 def _say(rows, wall_time):
     "One line for a measurement's two rows."
     row, source = rows[0], rows[0]["params"].get("source")
@@ -156,14 +139,14 @@ def run_recycling(settings: RecyclingSettings,  # from `check_recycling_settings
                   progress: bool = True,  # pretraining and training progress, and a line per result
                   ) -> list:
     "Train, recycle and score every prompt of `settings`, appending two rows (validation, test) per measurement."
-    store, train, rows = ResultsStore(settings.results_db), settings.training, []
+    store, train, rows = ResultsStore(settings.training.results_db), settings.training, []
     vocab = default_vocabulary()  # the zoo's one vocabulary: what makes recycling between its models possible
     models = {}
     for name in settings.models:
         size, recipe = model_recipe(name, train.zoo_recipe)
         config, params, _ = pretrained_model(size, recipe, progress=progress)
         models[name] = (config, params)
-    data = {task: experiment.load_task(task, vocab, train) for task in settings.tasks}
+    data = {task: experiment.load_task(task, vocab, train) for task in train.tasks}
     common = {"prompt_length": train.prompt_length, "train_steps": train.steps, "inputs_length": train.inputs_length}
 
     def record(name, method, task, seed, result, started, **params):
@@ -176,31 +159,31 @@ def run_recycling(settings: RecyclingSettings,  # from `check_recycling_settings
             _say(new, wall_time)
 
     prompts = {}
-    for name, task, seed in itertools.product(settings.models, settings.tasks, settings.seeds):
+    for name, task, seed in itertools.product(settings.models, train.tasks, train.seeds):
         started, (config, params) = time.time(), models[name]
         result = experiment.run_method("prompt_tuning", config, params, data[task], vocab, train, seed,
-                                       settings.out_dir / f"{name}-{task}-prompt_tuning-seed{seed}", progress)
+                                       train.out_dir / f"{name}-{task}-prompt_tuning-seed{seed}", progress)
         prompts[name, task, seed] = load_prompt(result["prompt_file"])
         record(name, "prompt_tuning", task, seed, result, started, init=train.init, batch_size=train.batch_size)
-    for name, task in itertools.product(settings.models, settings.tasks):
+    for name, task in itertools.product(settings.models, train.tasks):
         started, (config, params) = time.time(), models[name]
-        record(name, "zero_shot", task, settings.seeds[0], evaluate_prompt(config, params, None, data[task]), started,
+        record(name, "zero_shot", task, train.seeds[0], evaluate_prompt(config, params, None, data[task]), started,
                prompt_length=0)
-        for seed in settings.seeds:
+        for seed in train.seeds:
             started, random_PxH = time.time(), random_prompt_like(prompts[name, task, seed], seed)
             record(name, "random_prompt", task, seed, evaluate_prompt(config, params, random_PxH, data[task]), started,
                    norm=float(np.linalg.norm(random_PxH)))
     word_ids = word_ids_for(models[settings.models[0]][0].vocab_size, settings.num_words, settings.word_offset)
-    (settings.out_dir / "recycled").mkdir(parents=True, exist_ok=True)
+    (train.out_dir / "recycled").mkdir(parents=True, exist_ok=True)
     for source, target in itertools.permutations(settings.models, 2):
         (_, source_params), (config, params) = models[source], models[target]
         for recycler in settings.recyclers:
             started = time.time()  # the first prompt's time includes fitting the recycler
             fitted = fit_recycler(recycler, source_params["token_embedder"]["embedding"],
                                   params["token_embedder"]["embedding"], word_ids)
-            for task, seed in itertools.product(settings.tasks, settings.seeds):
+            for task, seed in itertools.product(train.tasks, train.seeds):
                 recycled_PxH = fitted(prompts[source, task, seed])
-                save_npy_prompt(settings.out_dir / "recycled" / f"{source}-to-{target}-{task}-{recycler}-seed{seed}.npy",
+                save_npy_prompt(train.out_dir / "recycled" / f"{source}-to-{target}-{task}-{recycler}-seed{seed}.npy",
                                 recycled_PxH)
                 record(target, recycler, task, seed, evaluate_prompt(config, params, recycled_PxH, data[task]), started,
                        source=source, num_words=settings.num_words, word_offset=settings.word_offset)

@@ -185,7 +185,7 @@ def init_train_state(params: dict,  # the starting parameter tree
                        rng=jax.random.key_data(jax.random.key(seed)))
     return state if mesh is None else jax.device_put(state, train_state_shardings(state, mesh))
 
-# %% ../../nbs/20a_step.ipynb #19fae19d
+# %% ../../nbs/20a_step.ipynb #40f5b850
 def make_train_step(config: t5.T5Config,  # the model (static)
                     rules: Sequence[Rule],  # `(regex, transformation or None)`, first match wins
                     loss: LossConfig,  # how token losses are combined
@@ -230,7 +230,7 @@ def make_train_step(config: t5.T5Config,  # the model (static)
     compiled = {}
 
     def train_step(state: TrainState, batch: dict) -> tuple:
-        key = tuple(flatten_params(state.params))
+        key = jax.tree.structure(state.params)  # the parameter paths, which decide what is trainable
         if key not in compiled:
             compiled[key] = compile_for(state)
         names, shardings, step_core = compiled[key]
