@@ -17,9 +17,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +30,7 @@ from flax import serialization
 from safetensors import safe_open
 
 from . import t5
+from .formats.atomic import atomic_folder, atomic_write
 from .t5 import T5Config
 
 _log = logging.getLogger(__name__)
@@ -362,9 +360,7 @@ def save_t5x_checkpoint(directory: str | os.PathLike,  # the folder to create, e
     directory = Path(directory).expanduser()
     if directory.exists():
         raise FileExistsError(f"{directory} exists; expected a new checkpoint folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         target = {}
         for path, leaf in flatten_params(params).items():
             array = np.asarray(jax.device_get(leaf))
@@ -380,10 +376,6 @@ def save_t5x_checkpoint(directory: str | os.PathLike,  # the folder to create, e
         tree = {"version": 3, "optimizer": {"state": {"step": np.asarray(step, np.int32)},
                                             "target": unflatten_params(target)}}
         (tmp / "checkpoint").write_bytes(serialization.msgpack_serialize(tree))
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 # %% ../nbs/02_checkpoints.ipynb #579b3eb7
@@ -530,11 +522,10 @@ def save_hf_t5(folder: str | os.PathLike,  # the Hugging Face folder to write (a
                  "is_gated_act": True, "tie_word_embeddings": False, "scale_decoder_outputs": False,
                  "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
 
-    def fill(tmp):
+    with atomic_folder(folder, backup=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         safetensors.numpy.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-
-    return _publish_folder(Path(folder), fill)
+    return Path(folder)
 
 # %% ../nbs/02_checkpoints.ipynb #6d89c0bd
 def check_prompt(prompt,  # the prompt, `[P, d_model]`
@@ -561,53 +552,14 @@ def _npy_ready(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
 
 
-def _atomic_file(path: Path, write: Callable) -> Path:
-    "Call `write(binary file)` on a temporary file beside `path`, then rename it to `path`."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _publish_folder(folder: Path, fill: Callable) -> Path:
-    "Call `fill(tmp)` on a temporary folder beside `folder`, keep an existing `folder` as a backup, rename."
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
-    backup = None
-    try:
-        fill(tmp)
-        if folder.exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            backup = folder.with_name(f"{folder.name}.backup-{stamp}")
-            for n in itertools.count(1):
-                if not backup.exists():
-                    break
-                backup = folder.with_name(f"{folder.name}.backup-{stamp}-{n}")
-            os.rename(folder, backup)
-            _log.info("%s existed: kept as %s", folder, backup.name)
-        os.rename(tmp, folder)
-    except BaseException:
-        if backup is not None and backup.exists() and not folder.exists():
-            os.rename(backup, folder)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def save_numpy(path: str | os.PathLike,  # the file to write, exactly this name (no `.npy` is appended)
                array,  # any array; bfloat16 is written as float32
                ) -> Path:
     "Write `array` in numpy's .npy format to `path`, atomically."
     array = _npy_ready(array)
-    return _atomic_file(Path(path), lambda f: np.save(f, array, allow_pickle=False))
+    with atomic_write(path) as temporary, open(temporary, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return Path(path)
 
 # %% ../nbs/02_checkpoints.ipynb #a997c8fa
 def save_t5x_numpy_prompt(model_dir: str | os.PathLike,  # the training run's folder (MODEL_DIR)
@@ -619,11 +571,9 @@ def save_t5x_numpy_prompt(model_dir: str | os.PathLike,  # the training run's fo
     step_dir = Path(model_dir) / "numpy_checkpoints" / f"checkpoint_{int(step)}"
     prompt = _npy_ready(check_prompt(prompt, source=str(step_dir / name)))
 
-    def fill(tmp):
-        with open(tmp / name, "wb") as f:
-            np.save(f, prompt, allow_pickle=False)
-
-    return _publish_folder(step_dir, fill) / name
+    with atomic_folder(step_dir, backup=True) as tmp, open(tmp / name, "wb") as f:
+        np.save(f, prompt, allow_pickle=False)
+    return step_dir / name
 
 # %% ../nbs/02_checkpoints.ipynb #b173c1f4
 def save_peft_prompt(folder: str | os.PathLike,  # the adapter folder to write (an existing one is kept as a backup)
@@ -645,12 +595,11 @@ def save_peft_prompt(folder: str | os.PathLike,  # the adapter folder to write (
                "tokenizer_kwargs": None, "base_model_name_or_path": base_model_name_or_path, "revision": None,
                "inference_mode": True, "auto_mapping": None, "modules_to_save": None}
 
-    def fill(tmp):
+    with atomic_folder(folder, backup=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter, indent=2) + "\n")
         safetensors.numpy.save_file({"prompt_embeddings": prompt}, tmp / "adapter_model.safetensors",
                                     metadata={"format": "pt"})
-
-    return _publish_folder(folder, fill)
+    return folder
 
 
 def load_peft_prompt(folder: str | os.PathLike,  # a PEFT prompt-tuning adapter folder

@@ -11,7 +11,6 @@ __all__ = ['DEFAULT_FIGURES', 'FORMATS', 'PAPER_SETTING', 'COLORS', 'SCALE_METHO
 # %% ../nbs/51_figures.ipynb #e3c32118
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from . import spot
+from .formats.atomic import atomic_write, atomic_write_text
 from .results import DEFAULT_DB, INITS, METHODS, ResultsStore, canonical_init, value
 
 # %% ../nbs/51_figures.ipynb #7689e2bc
@@ -30,18 +30,6 @@ FORMATS = ("png", "svg")
 
 class MissingResults(LookupError):
     "The store has no rows for a figure (the message says which rows were looked for)."
-
-
-def _write_atomic(path: Path, write: Callable):
-    "Call `write(file)` on a temporary file beside `path`, then rename it to `path`."
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(fig: Figure,  # the figure
@@ -56,7 +44,8 @@ def save_figure(fig: Figure,  # the figure
         paths = []
         for fmt in formats:
             path = out_dir / f"{name}.{fmt}"
-            _write_atomic(path, lambda file: fig.savefig(file, format=fmt, dpi=150))
+            with atomic_write(path) as temporary:
+                fig.savefig(temporary, format=fmt, dpi=150)
             paths.append(path)
     except OSError as error:
         raise OSError(f"cannot write figure {name!r} to {out_dir}: {error.strerror or error}") from None
@@ -471,7 +460,7 @@ def plot_recycling(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the res
     fig, data = _saved(fig, data, out_dir, "recycling")
     if out_dir is not None:
         path = Path(out_dir) / "recycling.md"
-        _write_atomic(path, lambda file: file.write(format_table(table).encode()))
+        atomic_write_text(path, format_table(table))
         data["files"].append(path)
     return fig, data
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +28,7 @@ import prompt_tuning_nb
 from . import prompts, t5
 from .checkpoints import (CheckpointError, check_config, load_hf_t5, load_t5x_checkpoint,
                                           save_t5x_checkpoint, t5x_checkpoint_folder)
+from .formats.atomic import atomic_write_text
 from .data import TASKS, get_vocabulary, task_arrays, task_batches, task_examples, task_info
 from .training.evaluation import (classification_evaluator, decoding_evaluator, infer,
                                                   loss_evaluator)
@@ -326,15 +326,6 @@ def _prompted_model(model, checkpoint_path, prompt, seed):
     return t5.with_prompt(model, params, prompt.initial_prompt(model.d_model, prompt_rng(seed))), prompt.placement_fn
 
 
-def _write_json(path: Path, record: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
 def run_eval(model: t5.T5Config,  # MODEL
              checkpoint_path: Optional[str],  # CHECKPOINT_PATH: the frozen model; None: the random model of the seed
              mixture_or_task_name: str,  # MIXTURE_OR_TASK_NAME
@@ -359,10 +350,10 @@ def run_eval(model: t5.T5Config,  # MODEL
     metrics = evaluate(params)
     _log.info("%s %s: %s", mixture_or_task_name, split, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if output_dir is not None:
-        path = _write_json(Path(output_dir) / "metrics.json",
-                           {"task": mixture_or_task_name, "split": split, "evaluation": evaluation,
-                            "checkpoint_path": None if checkpoint_path is None else os.fspath(checkpoint_path),
-                            "metrics": metrics})
+        record = {"task": mixture_or_task_name, "split": split, "evaluation": evaluation,
+                  "checkpoint_path": None if checkpoint_path is None else os.fspath(checkpoint_path),
+                  "metrics": metrics}
+        path = atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(record, indent=1))
         _log.info("wrote %s", path)
     return metrics
 
@@ -543,7 +534,7 @@ def launch(run: Callable,  # the run a runs/*.gin file configures, e.g. `@gin_gl
             with gin.unlock_config():
                 gin.bind_parameter("INITIAL_CHECKPOINT_PATH/gin.macro.value", str(folder))
         Path(model_dir).mkdir(parents=True, exist_ok=True)
-        (Path(model_dir) / "config.gin").write_text(gin.config_str())
+        atomic_write_text(Path(model_dir) / "config.gin", gin.config_str())
     return run()
 
 

@@ -11,8 +11,10 @@ import json
 import math
 import numbers
 import os
+import random
 import sqlite3
 import subprocess
+import time
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,13 +222,28 @@ class ResultsStore:
             raise ResultsStoreError(f"results store {self.path} has schema version {version}, newer than this code's "
                                     f"{SCHEMA_VERSION}; update prompt_tuning_nb")
 
+    def _use_wal(self, connection: sqlite3.Connection):
+        "Switch the file to WAL mode (persistent), retrying while another process holds a lock."
+        deadline, pause = time.monotonic() + self.timeout, 0.001
+        while True:
+            try:
+                if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() == "wal":
+                    return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise
+            if time.monotonic() + pause > deadline:
+                raise sqlite3.OperationalError(f"database is locked: no switch to WAL mode within {self.timeout} s")
+            time.sleep(pause * (1 + random.random()))
+            pause = min(2 * pause, 0.1)
+
     @contextmanager
     def _transaction(self, create: bool = False):
         "One short write transaction (`BEGIN IMMEDIATE`): committed, or rolled back on any error."
         try:
             with closing(self._connect(create=create)) as connection:
-                if create and connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    connection.execute("PRAGMA journal_mode = WAL")  # persistent: later connections inherit it
+                if create:
+                    self._use_wal(connection)
                 connection.execute("BEGIN IMMEDIATE")
                 try:
                     yield connection
@@ -262,7 +279,10 @@ def _add_many(self,
               rows: Iterable[Mapping],  # measurements, each as in `result_row`
               ) -> list[int]:
     "Append `rows` in one transaction (all or nothing); returns their ids."
-    version, now = code_version(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = list(rows)
+    needs_version = not all(isinstance(row, Mapping) and row.get("code_version") for row in rows)
+    version = code_version() if needs_version else None  # git runs only when a row lacks its version
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     checked = [result_row(row, version, now) for row in rows]
     if not checked:
         return []

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import optax
 
 from . import t5
 from .checkpoints import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
+from .formats.atomic import atomic_write_text
 from .data import FILES, cache_dir, default_vocabulary, span_corruption_lengths, task_batches
 from .training.loop import train
 from .training.optim import pretraining_rules
@@ -117,9 +117,7 @@ def _stage_batches(task, split, recipe, seed, vocab, shuffle=True):
 
 def _write_json(path: Path, record: dict):
     "Write `record` to `path` atomically (temporary file, then rename)."
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def zoo_folder(size: str,  # a miniature preset, e.g. "mini_s"

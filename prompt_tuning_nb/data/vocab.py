@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import string
 import sys
@@ -28,6 +27,7 @@ import sentencepiece as spm
 
 from .corpora import news_articles, wikitext2
 from .sources import cache_dir
+from ..formats.atomic import atomic_write_bytes
 
 # %% ../../nbs/15c_vocab.ipynb #e65a6716
 T5_SPECIAL_IDS = {"pad": 0, "eos": 1, "unk": 2}
@@ -124,9 +124,7 @@ def train_vocabulary(settings: VocabSettings = VocabSettings(),  # what to train
             required_chars=settings.required_chars,
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=settings.num_threads, minloglevel=2)
         check_t5_special_ids(model.getvalue())
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(model.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, model.getvalue())
         if verbose:
             print(f"prompt_tuning_nb: trained in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return path

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 
 from ..checkpoints import flatten_params, unflatten_params
+from ..formats.atomic import atomic_write
 
 _log = logging.getLogger(__name__)
 
@@ -278,17 +278,9 @@ def save_recycler(path: str | os.PathLike,  # the file to write (`.npz` suggeste
     for field in dataclasses.fields(recycler):
         if field.metadata.get("state") and field.name != "widths":
             arrays.update({k: np.asarray(v) for k, v in flatten_params({field.name: getattr(recycler, field.name)}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as temporary, open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 def load_recycler(path: str | os.PathLike,  # a file written by `save_recycler`

@@ -8,7 +8,6 @@ __all__ = ['RunCheckpoints', 'prompt_variable_name', 'export_prompt', 'fingerpri
 # %% ../../nbs/20c_checkpointing.ipynb #91f7587a
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from .. import t5
 from ..checkpoints import save_t5x_numpy_prompt
+from ..formats.atomic import atomic_write_text
 
 # %% ../../nbs/20c_checkpointing.ipynb #170ac6b1
 class RunCheckpoints:
@@ -132,7 +132,4 @@ class MetricsLog:
         if not self.path.is_file():
             return
         kept = [r for r in self.records() if r["step"] <= step]
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -11,7 +11,6 @@ __all__ = ['batched', 'score_candidates', 'macro_f1', 'binary_auc', 'classificat
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import scipy.stats
 
 from .. import t5
+from ..formats.atomic import atomic_write_text
 from .step import LossConfig, loss_fn, model_batch
 
 # %% ../../nbs/20b_evaluation.ipynb #0ae38376
@@ -239,18 +239,7 @@ def write_jsonl(path: str | os.PathLike,  # the file to write
                 records: Sequence[dict],  # JSON-serializable objects
                 ) -> Path:
     "Write one JSON object per line, atomically (temporary file, then rename)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def infer(config: t5.T5Config,  # an encoder-decoder model
