@@ -103,7 +103,7 @@ def run_ours(prompt_tuning: bool, steps: int, warmup: int) -> dict:
     import jax
 
     from prompt_tuning_nb import t5
-    from prompt_tuning_nb.checkpoints import flatten_params, unflatten_params
+    from prompt_tuning_nb.formats.tree import flatten_params, unflatten_params
     from prompt_tuning_nb.training.optim import model_tuning_rules, prompt_tuning_rules, trainable_paths
     from prompt_tuning_nb.training.step import LossConfig, init_train_state, loss_fn, make_train_step, model_batch
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from . import initializers, t5
-from .checkpoints import load_t5x_checkpoint
+from .formats.t5x import load_t5x_checkpoint
 from .data import cache_dir, get_vocabulary, label_words, task_arrays, task_batches, task_examples, task_info
 from .results import ResultsStore
 from .training.checkpointing import export_prompt

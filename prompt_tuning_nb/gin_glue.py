@@ -26,8 +26,9 @@ import numpy as np
 
 import prompt_tuning_nb
 from . import prompts, t5
-from .checkpoints import (CheckpointError, check_config, load_hf_t5, load_t5x_checkpoint,
-                                          save_t5x_checkpoint, t5x_checkpoint_folder)
+from .formats.hf import load_hf_t5
+from .formats.t5x import check_config, load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
+from .formats.tree import CheckpointError
 from .formats.atomic import atomic_write_text
 from .data import TASKS, get_vocabulary, task_arrays, task_batches, task_examples, task_info
 from .training.evaluation import (classification_evaluator, decoding_evaluator, infer,

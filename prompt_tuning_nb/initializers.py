@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoints import load_prompt, load_t5x_variable
+from .formats.prompt_files import load_prompt
+from .formats.t5x import load_t5x_variable
 from .prompts import symmetric_uniform
 
 # %% ../nbs/10_initializers.ipynb #ef74b595
@@ -186,7 +187,7 @@ def from_array(array,  # the prompt `[P, H]`
     return _from_array(np.asarray(array), "from_array: the array")
 
 # %% ../nbs/10_initializers.ipynb #46f97a17
-def from_file(path: str | Path,  # a prompt file or PEFT folder (see `checkpoints.load_prompt`)
+def from_file(path: str | Path,  # a prompt file or PEFT folder (see `formats.prompt_files.load_prompt`)
               ) -> Initializer:
     "The prompt stored at `path`, unchanged (cast to `dtype`)."
     return _from_array(np.asarray(load_prompt(path)), f"from_file: prompt file {str(path)!r}")

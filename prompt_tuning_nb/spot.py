@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from .checkpoints import check_prompt, load_prompt
+from .formats.prompt_files import check_prompt, load_prompt
 from .initializers import Initializer, from_array
 
 # %% ../nbs/30_spot.ipynb #7079398b

@@ -16,7 +16,7 @@ import numpy as np
 import seqio
 
 from . import spot, t5
-from .checkpoints import load_prompt
+from .formats.prompt_files import load_prompt
 from .data import task_arrays
 from .experiment import ScaleSettings, TaskData, check_settings, check_tasks, load_model, load_task
 from .experiment import _one_line, result_rows, run_method

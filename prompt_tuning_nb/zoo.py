@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from . import t5
-from .checkpoints import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
+from .formats.t5x import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
 from .formats.atomic import atomic_write_text
 from .data import FILES, cache_dir, default_vocabulary, span_corruption_lengths, task_batches
 from .training.loop import train

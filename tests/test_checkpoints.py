@@ -1,6 +1,6 @@
 """Checkpoints and prompt files: the original's artifacts load, our files are what the original and PEFT read.
 
-Covers `prompt_tuning_nb.checkpoints` and the two scripts against `../shared/fixtures` (the T5X tiny
+Covers `prompt_tuning_nb.formats` (tree, T5X, Hugging Face, prompt files) and the two scripts against `../shared/fixtures` (the T5X tiny
 checkpoint and the released prompts), against `transformers`/`peft` as independent references, and every
 bad input the loaders promise a one-line error for.
 """
@@ -21,11 +21,13 @@ import tensorstore as ts
 from flax import serialization
 
 from prompt_tuning_nb import t5
-from prompt_tuning_nb.checkpoints import (CheckpointError, CheckpointNotFoundError, config_from_params,
-                                          flatten_params, kvstore_spec, load_hf_t5, load_peft_prompt, load_prompt,
-                                          load_t5x_checkpoint, load_t5x_variable, save_hf_t5,
-                                          save_npy_prompt, save_numpy, save_peft_prompt, save_t5x_numpy_prompt,
-                                          t5x_array_spec, t5x_param_shapes, unflatten_params)
+from prompt_tuning_nb.formats.hf import load_hf_t5, save_hf_t5
+from prompt_tuning_nb.formats.prompt_files import (load_peft_prompt, load_prompt, save_npy_prompt, save_numpy,
+                                                   save_peft_prompt, save_t5x_numpy_prompt)
+from prompt_tuning_nb.formats.t5x import (config_from_params, load_t5x_checkpoint, load_t5x_variable, t5x_array_spec,
+                                          t5x_param_shapes)
+from prompt_tuning_nb.formats.tree import (CheckpointError, CheckpointNotFoundError, flatten_params, kvstore_spec,
+                                           unflatten_params)
 from prompt_tuning_nb.scripts import extract_variable, find_module
 
 # The fixture checkpoint's model (fixtures/README.md): relpos max distance 8 is not stored in the weights.
@@ -419,7 +421,7 @@ def test_peft_seq2seq_layout_is_logged(tmp_path, caplog):
     adapter = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**adapter, "num_virtual_tokens": 3,
                                                             "num_transformer_submodules": 2}))
-    with caplog.at_level(logging.INFO, logger="prompt_tuning_nb.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="prompt_tuning_nb.formats.prompt_files"):
         assert load_peft_prompt(folder).shape == (3, 4)
     assert "using the first 3, the encoder prompt" in caplog.text
     (folder / "adapter_config.json").write_text(json.dumps({**adapter, "num_virtual_tokens": 4}))

@@ -9,6 +9,7 @@ import pytest
 
 import prompt_tuning_nb
 from prompt_tuning_nb import initializers as I
+from prompt_tuning_nb.formats.t5x import load_t5x_checkpoint
 
 CONFIGS = prompt_tuning_nb.__path__[0] + "/configs/prompts"
 RNG = jax.random.key(0)
@@ -212,7 +213,6 @@ def test_from_array_returns_the_array_and_checks_its_shape():
 
 
 def test_from_file_returns_the_prompt_unchanged(fixtures_dir, tmp_path):
-    pytest.importorskip("prompt_tuning_nb.checkpoints")
     expected = np.load(fixtures_dir / "prompt_5x256.npy")
     np.testing.assert_array_equal(I.from_file(fixtures_dir / "prompt_5x256.npy")(RNG, (5, 256)), expected.astype(np.float32))
     # the T5X export: .npy format, no suffix
@@ -222,7 +222,6 @@ def test_from_file_returns_the_prompt_unchanged(fixtures_dir, tmp_path):
 
 
 def test_from_file_of_the_wrong_shape_names_the_file(fixtures_dir):
-    pytest.importorskip("prompt_tuning_nb.checkpoints")
     init = I.from_file(fixtures_dir / "prompt_5x256.npy")
     with pytest.raises(ValueError, match=r"^from_file: prompt file '.*prompt_5x256.npy' has shape \(5, 256\), "
                                          r"expected the prompt shape \(100, 256\)$"):
@@ -281,7 +280,6 @@ def test_gin_string_numpy(fixtures_dir, table, vocab, clean_gin):
 
 
 def test_gin_from_file(fixtures_dir, clean_gin):
-    pytest.importorskip("prompt_tuning_nb.checkpoints")
     init = configured_init("from_file.gin", [f"PROMPT_FILE = '{fixtures_dir / 'prompt_5x256.npy'}'"])
     np.testing.assert_array_equal(init(RNG, (5, 256)), np.load(fixtures_dir / "prompt_5x256.npy").astype(np.float32))
 
@@ -292,9 +290,8 @@ def test_gin_from_file(fixtures_dir, clean_gin):
     ("from_string.gin", ["PROMPT_STRING = 'positive negative'"], [1465, 2841]),
 ])
 def test_gin_reads_the_initial_checkpoint_embedding(fixtures_dir, vocab, clean_gin, gin_file, bindings, head):
-    checkpoints = pytest.importorskip("prompt_tuning_nb.checkpoints")
     path = fixtures_dir / "t5x_tiny_checkpoint" / "checkpoint_3"
-    embedding = np.asarray(checkpoints.load_t5x_checkpoint(path)[1]["token_embedder"]["embedding"])
+    embedding = np.asarray(load_t5x_checkpoint(path)[1]["token_embedder"]["embedding"])
     init = configured_init(gin_file, vocabulary_bindings(fixtures_dir) + [f"INITIAL_CHECKPOINT_PATH = '{path}'"] + bindings)
     prompt = np.asarray(init(RNG, (6, 4)))
     np.testing.assert_array_equal(prompt[: len(head)], embedding[head])
@@ -310,7 +307,6 @@ def test_gin_requires_its_macros(clean_gin):
 
 
 def test_t5x_load_reads_one_variable(fixtures_dir):
-    pytest.importorskip("prompt_tuning_nb.checkpoints")
     path = fixtures_dir / "t5x_tiny_checkpoint" / "checkpoint_3"
     assert I.t5x_load(path).shape == (32128, 4)
     assert I.t5x_load(path, "encoder/encoder_norm/scale").shape == (4,)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from prompt_tuning_nb.checkpoints import load_prompt
+from prompt_tuning_nb.formats.prompt_files import load_prompt
 from prompt_tuning_nb.recycling import (LinComb, RecyclingError, V2VLin, V2VNN, fit_recycler, load_recycler,
                                         load_word_list, make_recycler, save_recycler, select_word_ids,
                                         sentencepiece_words, word_list_overlap)

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 
 import prompt_tuning_nb
 from prompt_tuning_nb import spot
-from prompt_tuning_nb.checkpoints import load_prompt, save_npy_prompt, save_peft_prompt, save_t5x_numpy_prompt
+from prompt_tuning_nb.formats.prompt_files import (load_prompt, save_npy_prompt, save_peft_prompt,
+                                                   save_t5x_numpy_prompt)
 from prompt_tuning_nb.prompts import Prompt
 
 CONFIGS = prompt_tuning_nb.__path__[0] + "/configs/prompts"

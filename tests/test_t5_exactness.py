@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prompt_tuning_nb import t5
-from prompt_tuning_nb.checkpoints import load_hf_t5
+from prompt_tuning_nb.formats.hf import load_hf_t5
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -13,7 +13,7 @@ from prompt_tuning_nb import t5
 from prompt_tuning_nb.training.evaluation import classification_evaluator, prepend_tokens
 from prompt_tuning_nb.training.known_prompt import MarkerTask
 from prompt_tuning_nb.training.loop import EarlyStopping, NonFiniteLossError, array_batches, train
-from prompt_tuning_nb.checkpoints import flatten_params
+from prompt_tuning_nb.formats.tree import flatten_params
 from prompt_tuning_nb.training.optim import PROMPT_REGEX, model_tuning_rules, pretraining_rules, prompt_tuning_rules
 from prompt_tuning_nb.training.step import LossConfig, init_train_state, make_train_step
 

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .. import experiment, t5
-from ..checkpoints import load_prompt, save_npy_prompt
+from ..formats.prompt_files import load_prompt, save_npy_prompt
 from ..data import default_vocabulary
 from .recyclers import RECYCLERS, RecyclingError, fit_recycler
 from .run_recycle import word_ids_for

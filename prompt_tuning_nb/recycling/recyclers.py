@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..checkpoints import flatten_params, unflatten_params
+from ..formats.tree import flatten_params, unflatten_params
 from ..formats.atomic import atomic_write
 
 _log = logging.getLogger(__name__)

@@ -16,7 +16,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..checkpoints import CheckpointError, load_prompt, load_t5x_variable, save_npy_prompt
+from ..formats.prompt_files import load_prompt, save_npy_prompt
+from ..formats.t5x import load_t5x_variable
+from ..formats.tree import CheckpointError
 from .recyclers import (RECYCLER_ALIASES, RECYCLERS, RecyclingError, as_table,
                                                   check_prompt_width, check_shared_vocabulary, fit_recycler,
                                                   save_recycler)
@@ -156,7 +158,7 @@ def word_ids_for(rows: int,  # rows of the models' embedding tables
 # %% ../../nbs/40c_run_recycle.ipynb #f0131383
 def recycle(source_model: str | os.PathLike,  # the model the prompt was trained on
             target_model: str | os.PathLike,  # the model to recycle the prompt to
-            prompt_path: str | os.PathLike,  # the prompt (any format `checkpoints.load_prompt` reads)
+            prompt_path: str | os.PathLike,  # the prompt (any format `formats.prompt_files.load_prompt` reads)
             recycler: str = "v2v-nn",  # "v2v-nn", "v2v-lin" or "lin-comb"
             num_words: int = 4000,  # words to fit on
             word_offset: int = 1000,  # most frequent words skipped

@@ -9,7 +9,9 @@ __all__ = ['main']
 import argparse
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, load_t5x_variable, save_numpy
+from ..formats.prompt_files import save_numpy
+from ..formats.t5x import load_t5x_variable
+from ..formats.tree import CheckpointError
 
 # %% ../../nbs/02a_extract_variable.ipynb #57ed2b9e
 def main(argv: list | None = None,  # command-line arguments without the program name; None reads `sys.argv`

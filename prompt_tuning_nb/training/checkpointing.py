@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .. import t5
-from ..checkpoints import save_t5x_numpy_prompt
+from ..formats.prompt_files import save_t5x_numpy_prompt
 from ..formats.atomic import atomic_write_text
 
 # %% ../../nbs/20c_checkpointing.ipynb #170ac6b1

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .. import t5
 from .checkpointing import (MetricsLog, RunCheckpoints, export_prompt, fingerprint,
                                                      fingerprint_mismatch)
-from ..checkpoints import flatten_params, unflatten_params
+from ..formats.tree import flatten_params, unflatten_params
 from .optim import Rule, trainable_paths
 from .step import LossConfig, TrainState, init_train_state, make_train_step
 

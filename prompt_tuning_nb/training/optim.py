@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..checkpoints import flatten_params, unflatten_params
+from ..formats.tree import flatten_params, unflatten_params
 
 # %% ../../nbs/20_optim.ipynb #fb826589
 FROZEN = "frozen"  # the label of parameters whose rule says `None`

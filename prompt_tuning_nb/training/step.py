@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import t5
-from ..checkpoints import flatten_params, unflatten_params
+from ..formats.tree import flatten_params, unflatten_params
 from ..sharding import batch_sharding, param_shardings, state_shardings
 from .optim import Rule, make_optimizer, trainable_paths
 
