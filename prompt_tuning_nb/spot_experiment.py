@@ -18,7 +18,7 @@ import seqio
 from . import spot, t5
 from .formats.prompt_files import load_prompt
 from .data import task_arrays
-from .experiment import ScaleSettings, TaskData, check_settings, check_tasks, load_model, load_task
+from .experiment import ScaleSettings, TaskData, check_settings, check_tasks, load_pretrained, load_task
 from .experiment import _one_line, result_rows, run_method
 from .results import ResultsStore
 
@@ -127,7 +127,7 @@ def run_spot(settings: SpotSettings,  # from `check_spot_settings`
         store.add_many(new)
         rows.extend(new)
     for size in training.sizes:
-        config, params, vocab = load_model(size, training, progress)
+        config, params, vocab = load_pretrained(size, training, progress)
         data = {task: load_task(task, vocab, training) for task in settings.source_tasks + settings.target_tasks}
         mixture = mixture_task(settings.source_tasks, data, vocab, training)
         data[mixture.name] = mixture

@@ -283,7 +283,7 @@ def test_empty_text():
 
 def test_metrics():
     assert tasks.accuracy(["a", "b"], ["a", "a"]) == {"accuracy": 50.0}
-    assert tasks.macro_f1(["a", "a", "b", "b"], ["a", "a", "b", "b"]) == {"macro_f1": 100.0}
+    assert tasks.label_macro_f1(["a", "a", "b", "b"], ["a", "a", "b", "b"]) == {"macro_f1": 100.0}
     assert tasks.f1_of("b")(["a", "b"], ["b", "b"])["f1"] == pytest.approx(100 * 2 / 3)
     predict_fns = tasks.get_task("glue_mrpc").predict_metric_fns  # seqio accepts their signatures
     assert len(predict_fns) == 2

@@ -187,7 +187,7 @@ def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
             key = (row["size"], row["task"])
             baseline[key] = max(baseline.get(key, 0), row["metrics"]["accuracy"])
     fig, data = figures.plot_recycling(store, tmp_path / "figures")
-    for recycler, bar in zip(figures.RECYCLERS, fig.axes[0].patches):
+    for recycler, bar in zip(figures.RECYCLER_METHODS, fig.axes[0].patches):
         mine = [r for r in rows if r["method"] == recycler]
         rate = np.mean([r["metrics"]["accuracy"] > baseline[r["size"], r["task"]] for r in mine])
         assert bar.get_height() == pytest.approx(rate)

@@ -9,7 +9,7 @@ __all__ = ['task_table', 'CACHE_ENV', 'FILES', 'WHEELS', 'SourceUnavailable', 'c
            'check_t5_special_ids', 'default_vocabulary', 'get_vocabulary', 'padded_vocab_size', 'pieces_per_word',
            'train_vocabulary', 'BENCHMARKS', 'BENCHMARK_TASKS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATION_TASKS',
            'PRETRAINING_TASKS', 'TASKS', 'TaskInfo', 'accuracy', 'f1_of', 'format_example', 'get_task', 'label_words',
-           'macro_f1', 'register_classification_task', 'register_task', 'task_info', 'prefix_lm_split',
+           'label_macro_f1', 'register_classification_task', 'register_task', 'task_info', 'prefix_lm_split',
            'random_spans_noise_mask', 'span_corruption', 'span_corruption_lengths', 'FEATURES', 'task_arrays',
            'task_batches', 'task_examples']
 
@@ -23,7 +23,7 @@ from .vocab import (
     get_vocabulary, padded_vocab_size, pieces_per_word, train_vocabulary)
 from .tasks import (
     BENCHMARKS, BENCHMARK_TASKS, CLASSIFICATION_MIXTURE, CLASSIFICATION_TASKS, TASKS, TaskInfo, accuracy, f1_of,
-    format_example, get_task, label_words, macro_f1, register_classification_task, register_task, task_info)
+    format_example, get_task, label_words, label_macro_f1, register_classification_task, register_task, task_info)
 from .pretraining import (
     PRETRAINING_TASKS, prefix_lm_split, random_spans_noise_mask, span_corruption, span_corruption_lengths)
 from .batches import FEATURES, task_arrays, task_batches, task_examples
@@ -35,7 +35,7 @@ _all_ = ["CACHE_ENV", "FILES", "WHEELS", "SourceUnavailable", "cache_dir", "fetc
          "VocabSettings", "check_t5_special_ids", "default_vocabulary", "get_vocabulary", "padded_vocab_size",
          "pieces_per_word", "train_vocabulary", "BENCHMARKS", "BENCHMARK_TASKS", "CLASSIFICATION_MIXTURE",
          "CLASSIFICATION_TASKS", "PRETRAINING_TASKS", "TASKS", "TaskInfo",
-         "accuracy", "f1_of", "format_example", "get_task", "label_words", "macro_f1",
+         "accuracy", "f1_of", "format_example", "get_task", "label_words", "label_macro_f1",
          "register_classification_task", "register_task", "task_info", "prefix_lm_split",
          "random_spans_noise_mask", "span_corruption", "span_corruption_lengths", "FEATURES", "task_arrays",
          "task_batches", "task_examples"]

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TASKS', 'T5_PREPROCESSORS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATION_TASKS', 'BENCHMARKS', 'BENCHMARK_TASKS',
-           'accuracy', 'macro_f1', 'f1_of', 'TaskInfo', 'register_task', 'task_info', 'get_task', 'label_words',
+           'accuracy', 'label_macro_f1', 'f1_of', 'TaskInfo', 'register_task', 'task_info', 'get_task', 'label_words',
            'to_text2text', 'format_example', 't5_output_features', 'strip_postprocessor',
            'register_classification_tasks', 'register_classification_task', 'Benchmark', 'register_benchmark_tasks']
 
@@ -36,7 +36,7 @@ def _f1(targets: list, predictions: list, label: str) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def macro_f1(targets: Sequence[str],  # gold label words
+def label_macro_f1(targets: Sequence[str],  # gold label words
              predictions: Sequence[str],  # predicted label words
              ) -> dict:
     "`{'macro_f1': %}`: F1 averaged over the labels that occur in `targets`."
@@ -195,7 +195,7 @@ def _build_corpus_task(name: str, vocab: seqio.Vocabulary) -> seqio.Task:
                                   label_words=corpus.label_words)
     return seqio.Task(name, source, output_features=t5_output_features(vocab),
                       preprocessors=[text2text] + T5_PREPROCESSORS, postprocess_fn=strip_postprocessor,
-                      metric_fns=[accuracy, macro_f1])
+                      metric_fns=[accuracy, label_macro_f1])
 
 
 CLASSIFICATION_MIXTURE = "offline_classification"
@@ -248,7 +248,7 @@ def register_classification_task(name: str,  # new task name (letters, digits, `
         text2text = functools.partial(to_text2text, prefix=name, fields=(field,), label_words=words)
         return seqio.Task(task_name, source, output_features=t5_output_features(vocab),
                           preprocessors=[text2text] + T5_PREPROCESSORS, postprocess_fn=strip_postprocessor,
-                          metric_fns=[accuracy, macro_f1])
+                          metric_fns=[accuracy, label_macro_f1])
 
     return register_task(TaskInfo(name, "classification", words, description, build, prefix=name,
                                   fields=(field,)))
@@ -276,7 +276,7 @@ BENCHMARKS = {
     "super_glue_boolq": Benchmark("super_glue/boolq:1.0.2", "boolq", ("passage", "question"),
                                   ("False", "True"), (accuracy,), "SuperGLUE BoolQ yes/no questions"),
     "super_glue_cb": Benchmark("super_glue/cb:1.0.2", "cb", ("hypothesis", "premise"),
-                               ("entailment", "contradiction", "neutral"), (macro_f1, accuracy),
+                               ("entailment", "contradiction", "neutral"), (label_macro_f1, accuracy),
                                "SuperGLUE CommitmentBank"),
 }
 
