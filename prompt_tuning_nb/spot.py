@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['RESIZES', 'MEASURES', 'transfer_initializer', 'task_embedding', 'prompt_similarity', 'similarity_matrix',
-           'rank_sources', 'evaluate_ranking', 'transfer_gain_matrix', 'plot_similarity', 'plot_transfer_gains',
-           'plot_similarity_and_gains']
+           'rank_sources', 'evaluate_ranking', 'transfer_gain_matrix']
 
 # %% ../nbs/30_spot.ipynb #b792cc10
 import os
@@ -13,7 +12,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
@@ -205,67 +203,3 @@ def transfer_gain_matrix(scores: Mapping[tuple[str, str], float],  # `(source, t
             if (source, target) in scores:
                 gains_TxS[i, j] = float(scores[source, target]) - float(baselines[target])
     return gains_TxS
-
-# %% ../nbs/30_spot.ipynb #bcac7d31
-def _heatmap(ax, matrix_RxC: np.ndarray, rows: Sequence[str], columns: Sequence[str], cmap: str, label: str,
-             vmin: float | None = None, vmax: float | None = None, fmt: str = "{:.2f}"):
-    "A labelled heatmap of `matrix_RxC` with each value written in its cell."
-    matrix_RxC = np.asarray(matrix_RxC, dtype=float)
-    if matrix_RxC.shape != (len(rows), len(columns)):
-        raise ValueError(f"heatmap: matrix is {matrix_RxC.shape} but there are {len(rows)} row and {len(columns)} "
-                         "column names")
-    colors = plt.get_cmap(cmap).with_extremes(bad="lightgrey")
-    image = ax.imshow(np.ma.masked_invalid(matrix_RxC), cmap=colors, vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    for (i, j), value in np.ndenumerate(matrix_RxC):
-        if np.isfinite(value):
-            red, green, blue, _ = colors(image.norm(value))
-            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    ax.figure.colorbar(image, ax=ax, label=label, fraction=0.046, pad=0.04)
-    return ax
-
-
-def plot_similarity(similarity: np.ndarray,  # `[N, N]` from `similarity_matrix`
-                    names: Sequence[str],  # the N task names, in the matrix's order
-                    measure: str = "avg",  # the measure, for the title
-                    ax=None,  # a matplotlib Axes; None: a new figure
-                    fmt: str = "{:.2f}",  # how each cell's value is written ('pairs' values are small: try "{:.3f}")
-                    ):
-    "Heatmap of a task-similarity matrix; returns the Axes."
-    ax = ax if ax is not None else plt.figure(figsize=(5, 4.5)).add_subplot()
-    _heatmap(ax, similarity, names, names, "viridis", "cosine similarity", fmt=fmt)
-    ax.set_title(f"Prompt similarity ({measure})")
-    return ax
-
-
-def plot_transfer_gains(gains: np.ndarray,  # `[T, S]` from `transfer_gain_matrix`
-                        targets: Sequence[str],  # the T row names
-                        sources: Sequence[str],  # the S column names
-                        ax=None,  # a matplotlib Axes; None: a new figure
-                        ):
-    "Heatmap of transfer gains (targets x sources), diverging around zero; returns the Axes."
-    ax = ax if ax is not None else plt.figure(figsize=(5, 4.5)).add_subplot()
-    gains = np.asarray(gains, dtype=float)
-    finite = gains[np.isfinite(gains)]
-    scale = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
-    _heatmap(ax, gains, targets, sources, "RdBu", "gain over prompt tuning", -scale, scale, "{:+.1f}")
-    ax.set_xlabel("source")
-    ax.set_ylabel("target")
-    ax.set_title("Transfer gain")
-    return ax
-
-
-def plot_similarity_and_gains(similarity: np.ndarray,  # `[N, N]` from `similarity_matrix`
-                              names: Sequence[str],  # the N task names of `similarity`
-                              gains: np.ndarray,  # `[T, S]` from `transfer_gain_matrix`
-                              targets: Sequence[str],  # the T row names of `gains`
-                              sources: Sequence[str],  # the S column names of `gains`
-                              measure: str = "avg",  # the similarity measure, for the title
-                              ):
-    "The similarity heatmap with the transfer-gain heatmap beside it; returns the Figure."
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
-    plot_similarity(similarity, names, measure, left)
-    plot_transfer_gains(gains, targets, sources, right)
-    return fig

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prompt_tuning_nb import analysis
 from prompt_tuning_nb.results import ResultsStore, ResultsStoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,8 @@ def figures():
     """`prompt_tuning_nb.figures`, imported lazily: the spawned writer processes import this file and need only the store."""
     from prompt_tuning_nb import figures
     return figures
+
+
 WRITERS, ROWS_EACH, BATCH, ROUNDS = 8, 200, 20, 5
 
 
@@ -174,12 +177,12 @@ def test_figure_points_are_the_stores_numbers(tmp_path, figures):
     for length in (1, 20, 150):
         np.testing.assert_allclose(data["lines"][length]["y"], [np.mean(v) for v in expected[length].values()])
     np.testing.assert_allclose(data["lines"][100]["y"], [y for _, y, _ in expected["prompt_tuning"]])
-    with pytest.raises(figures.MissingResults, match="init ablation"):
+    with pytest.raises(analysis.MissingResults, match="init ablation"):
         figures.plot_init(store, None)  # one init only
 
 
 def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
-    store = figures.example_store(tmp_path / "results.sqlite")
+    store = analysis.example_store(tmp_path / "results.sqlite")
     rows = store.rows(experiment="recycling")
     baseline = {}
     for row in rows:
@@ -187,7 +190,7 @@ def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
             key = (row["size"], row["task"])
             baseline[key] = max(baseline.get(key, 0), row["metrics"]["accuracy"])
     fig, data = figures.plot_recycling(store, tmp_path / "figures")
-    for recycler, bar in zip(figures.RECYCLER_METHODS, fig.axes[0].patches):
+    for recycler, bar in zip(analysis.RECYCLER_METHODS, fig.axes[0].patches):
         mine = [r for r in rows if r["method"] == recycler]
         rate = np.mean([r["metrics"]["accuracy"] > baseline[r["size"], r["task"]] for r in mine])
         assert bar.get_height() == pytest.approx(rate)
@@ -215,7 +218,7 @@ def _stdout(notebook: dict) -> str:
 
 
 def test_figures_notebook_through_papermill(tmp_path, figures):
-    example = figures.example_store(tmp_path / "example.sqlite")
+    example = analysis.example_store(tmp_path / "example.sqlite")
     small = ResultsStore(tmp_path / "results.sqlite")  # the scale and recycling rows only: the SPoT figures skip
     small.add_many([{k: v for k, v in row.items() if k != "id"} for row in example.rows(experiment=["scale", "recycling"])])
     executed = _execute(tmp_path, tmp_path / "results.sqlite", tmp_path / "figures")
