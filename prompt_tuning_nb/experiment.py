@@ -83,14 +83,14 @@ def _check_checkpoint(size, checkpoint_dir):
     if "://" not in path and not (Path(path) / "checkpoint").is_file():
         raise _one_line("checkpoint_dir", path, f"a T5X checkpoint folder for size {size!r} (with a `checkpoint` file)")
 
-
+# %% ../nbs/26_experiment.ipynb #16b3fff4
 SMOKE = dict(size="mini_xs", prompt_length=4, steps=4, batch_size=8, eval_every=2, inputs_length=32,
              max_eval_examples=32, seeds=(0,), from_scratch=False,
              zoo_recipe=PretrainingRecipe(stages=(("wikitext2_span_corruption", 6), ("wikitext2_span_corruption_prefix_lm", 4)),
                                           batch_size=4, inputs_length=32, prefix_lm_targets_length=16, checkpoint_every=5))
 LADDER = ("mini_xs", "mini_s", "mini_m")  # the default miniature ladder: 1.3M to 13.6M parameters
 
-
+# %% ../nbs/26_experiment.ipynb #c7a95feb
 def _names(value):
     "A tuple of names from a list or a comma-separated string."
     if isinstance(value, str):
@@ -116,7 +116,7 @@ def check_tasks(parameter: str,  # the parameter's name, for the error
         raise _one_line(parameter, value, "distinct task names")
     return tasks
 
-
+# %% ../nbs/26_experiment.ipynb #0857ce86
 def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, vocabulary=T5_VOCABULARY,
                    prompt_length=100, init="class_label", steps=300, batch_size=32, learning_rate=0.3,
                    model_learning_rate=1e-3, eval_every=50, inputs_length=64, max_eval_examples=None, seeds=(0,),

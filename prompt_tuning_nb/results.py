@@ -120,7 +120,7 @@ def _text(value, name: str, who: str) -> str:
         raise ValueError(f"{who}: {name} must be a non-empty string, got {value!r}")
     return value
 
-
+# %% ../nbs/50_results.ipynb #588e8573
 def _jsonable(value):
     "`json.dumps` hook: numpy scalars and arrays, paths, tuples."
     if hasattr(value, "tolist"):
@@ -153,7 +153,7 @@ def _params_json(params, who: str) -> str:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{who}: params must be JSON-serializable: {error}") from None
 
-
+# %% ../nbs/50_results.ipynb #0459ae09
 def result_row(row: Mapping,  # one measurement: the columns of the schema except `id` (see the table above)
                version: Optional[str] = None,  # the code version to record when the row has none; None: `code_version()`
                now: Optional[str] = None,  # the timestamp to record when the row has none; None: the current UTC time

@@ -36,7 +36,7 @@ def _check_split(task: seqio.Task, split: str) -> None:
     if split not in task.splits:
         raise ValueError(f"task {task.name!r} has no split {split!r}; splits: {', '.join(task.splits)}")
 
-
+# %% ../../nbs/15f_batches.ipynb #eee44b98
 ARRAYS_VERSION = 1  # bump when preprocessing changes what a built-in task's arrays contain
 
 
@@ -52,7 +52,7 @@ def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabular
                           hashlib.sha256(vocab.sp_model).hexdigest(), vocab.extra_ids])
     return cache_dir("arrays") / f"{task_name}.{split}.{hashlib.sha256(payload.encode()).hexdigest()[:20]}.npz"
 
-
+# %% ../../nbs/15f_batches.ipynb #96c9fd0d
 def _run_pipeline(task: seqio.Task, split: str, lengths: dict, seed: int) -> dict:
     ds = task.get_dataset(lengths, split=split, shuffle=False, seed=seed, try_in_mem_cache=False)
     ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
@@ -63,7 +63,7 @@ def _run_pipeline(task: seqio.Task, split: str, lengths: dict, seed: int) -> dic
     return {f: np.concatenate(p) if p else np.zeros((0, lengths["inputs" if f.startswith("enc") else "targets"]),
                                                      np.int32) for f, p in parts.items()}
 
-
+# %% ../../nbs/15f_batches.ipynb #75b4ddda
 def task_arrays(task_name: str,  # a task (see `prompt_tuning_nb.data.tasks.TASKS`)
                 split: str,  # "train", "validation" or "test"
                 feature_lengths: dict,  # {"inputs": L, "targets": L'}

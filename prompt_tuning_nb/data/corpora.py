@@ -100,7 +100,7 @@ class Corpus:
     reader: Callable[[], list]  # () -> list[Example]
     description: str  # one line for tables
 
-
+# %% ../../nbs/15b_corpora.ipynb #bce15932
 def _hutto(key: str, name: str) -> list:
     lines = read_source(key).decode("utf-8").split("\r\n")
     out = []
@@ -123,7 +123,7 @@ def _trec() -> list:
     return [Example(f"trec:{row['']}", clean_text(row["text"]), _TREC_COARSE[int(row["label-coarse"])],
                     "test" if int(row[""]) >= _TREC_TEST_START else None) for row in rows]
 
-
+# %% ../../nbs/15b_corpora.ipynb #79fcf1ec
 def _sms_spam() -> list:
     rows = csv.DictReader(io.StringIO(read_source("sms_spam").decode("utf-8")))
     return [Example(f"sms_spam:{row['']}", clean_text(row["text"]), ("ham", "spam")[int(row["spam"])])
@@ -163,7 +163,7 @@ def _rt_critics() -> list:
     return [Example(f"rt_critics:{i}", clean_text(row["text"]), row["category"])
             for i, row in enumerate(rows) if row["category"] in ("fresh", "rotten")]
 
-
+# %% ../../nbs/15b_corpora.ipynb #5f086a66
 _POLAR = ("negative", "positive")
 CORPORA = {c.name: c for c in [  # in priority order: a text seen in an earlier corpus is dropped later
     Corpus("rt_polarity", _POLAR, "sentence", lambda: _hutto("hutto_movies", "rt_polarity"),

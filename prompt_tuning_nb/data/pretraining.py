@@ -122,7 +122,7 @@ def split_into_chunks(dataset: tf.data.Dataset,  # examples with tokenized "targ
     dataset = dataset.flat_map(chunks)
     return dataset.filter(lambda x: tf.size(x["targets"]) >= min_length)
 
-
+# %% ../../nbs/15e_pretraining.ipynb #ec4cad2c
 def _rng(seed: np.ndarray) -> np.random.Generator:
     return np.random.default_rng(np.asarray(seed).astype(np.int64) & 0xFFFFFFFF)
 
@@ -154,7 +154,7 @@ def span_corrupt(dataset: tf.data.Dataset,  # examples with tokenized "targets"
 
     return _map_numpy(split_into_chunks(dataset, tokens_length), np_fn)
 
-
+# %% ../../nbs/15e_pretraining.ipynb #dec10ad1
 def prefix_lm(dataset: tf.data.Dataset,  # examples with tokenized "targets"
               sequence_length: Optional[dict] = None,  # {"inputs": L, "targets": L'} from seqio
               ) -> tf.data.Dataset:

@@ -52,7 +52,7 @@ def _hf_names(config: T5Config) -> dict:
                 names[f"{ours}/mlp/{n}/kernel"] = (f"{theirs}.{j}.DenseReluDense.{n}.weight", True)
     return names
 
-
+# %% ../../nbs/02d_hugging_face.ipynb #29b2df37
 # Copies of `shared.weight` and a bias that T5 computes but never uses: present in some files, ignored.
 _HF_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
@@ -89,7 +89,7 @@ def _hf_config(folder: Path) -> tuple:
     scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     return config, bool(scale)
 
-
+# %% ../../nbs/02d_hugging_face.ipynb #23ec9b81
 def _hf_tensors(folder: Path) -> dict:
     "`{name: (file, name)}` of the safetensors weights of a Hugging Face folder (single file or shards)."
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
@@ -111,7 +111,7 @@ def _hf_tensors(folder: Path) -> dict:
             raise CheckpointError(f"{file}: cannot read safetensors ({first_line_of(e)}); expected an intact file") from None
     return tensors
 
-
+# %% ../../nbs/02d_hugging_face.ipynb #41a28172
 def load_hf_t5(folder: str | os.PathLike,  # a Hugging Face T5 v1.1 folder: config.json + model.safetensors
                dtype: str = "float32",  # dtype of the returned arrays
                ) -> tuple:

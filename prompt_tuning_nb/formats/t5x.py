@@ -170,7 +170,7 @@ def _decode_inline(node, label: str) -> np.ndarray:
                               "msgpack-serialized array") from None
     return np.asarray(value)
 
-
+# %% ../../nbs/02c_t5x.ipynb #572954eb
 def _chunk_keys(store, folder: str) -> list:
     "The keys of every chunk file of the zarr array `store` in `folder`."
     metadata = store.spec().to_json()["metadata"]
@@ -215,7 +215,7 @@ def _read_zarr_arrays(specs: dict, base: dict, store, where: str, context) -> di
                                   "files (truncated or corrupt?)") from None
     return arrays
 
-
+# %% ../../nbs/02c_t5x.ipynb #12814d8d
 _RESTORE_DTYPES = ("float32", "bfloat16")
 
 

@@ -51,7 +51,7 @@ def _orbax_item_folder(path: Path):
             return max(steps)[1] / "arrays"
     return None
 
-
+# %% ../../nbs/40c_run_recycle.ipynb #a25d2faa
 def _orbax_variable(item: Path, variable_path: str) -> np.ndarray:
     "One array of an orbax checkpoint item, found by the end of its path (`a/b.c` matches `b/c`), read alone."
     import orbax.checkpoint as ocp  # imported here: only this format needs it
@@ -81,7 +81,7 @@ def _orbax_variable(item: Path, variable_path: str) -> np.ndarray:
         restored = restored[name]
     return np.asarray(restored)
 
-
+# %% ../../nbs/40c_run_recycle.ipynb #9307e25b
 def _hf_embedding(folder: Path) -> np.ndarray:
     "`shared.weight` of a Hugging Face T5 folder, read alone."
     from safetensors import safe_open
@@ -92,7 +92,7 @@ def _hf_embedding(folder: Path) -> np.ndarray:
                 return f.get_tensor(name)
     raise CheckpointError(f"{folder}/model.safetensors: no shared.weight; expected a Hugging Face T5 model")
 
-
+# %% ../../nbs/40c_run_recycle.ipynb #cecdb2f8
 def load_embeddings(path: str | os.PathLike,  # .npy table, T5X checkpoint (or MODEL_DIR), HF T5 folder, or a training run
                     variable_path: str = EMBEDDING_VARIABLE,  # the table's variable in a checkpoint
                     ) -> np.ndarray:
@@ -177,7 +177,7 @@ def recycle(source_model: str | os.PathLike,  # the model the prompt was trained
     fitted = fit_recycler(recycler, source_VxHs, target_VxHt, word_ids, **settings)
     return fitted(prompt_PxHs), fitted
 
-
+# %% ../../nbs/40c_run_recycle.ipynb #9d9dd746
 def main(argv: list | None = None,  # command-line arguments without the program name; None reads `sys.argv`
          ) -> Path:
     "Recycle one prompt from `--source_model` to `--target_model`; returns the written prompt file."

@@ -128,7 +128,7 @@ class _Best:
     def record(self) -> dict:
         return {"best_step": self.step, "best_metrics": self.metrics, "evals_since_best": self.evals_since}
 
-
+# %% ../../nbs/20d_train.ipynb #50934255
 class _Progress:
     def __init__(self, total: int, initial: int, enabled: bool, metric: Optional[str]):
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
@@ -195,7 +195,7 @@ def _check_same_run(record: dict, identity: dict, model_dir: Path):
             raise ValueError(f"{model_dir} holds a different run (its {key} differs); resume it with the same model, "
                              f"rules and seed, or use a new model_dir")
 
-
+# %% ../../nbs/20d_train.ipynb #fa77840e
 def train(config: t5.T5Config,  # the model
           params: dict,  # starting parameters (with the prompt to tune, for prompt tuning)
           rules: Sequence[Rule],  # `(regex, optax transformation or None)`: what trains and how

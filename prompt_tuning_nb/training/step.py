@@ -63,7 +63,7 @@ class LossConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"LossConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
-
+# %% ../../nbs/20a_step.ipynb #d766df6e
 def token_losses(logits_BxTxV: jax.Array,  # decoder logits
                  targets_BxT: jax.Array,  # target token ids
                  z_loss: float = 0.0,  # weight of the squared log-normalizer
@@ -85,7 +85,7 @@ def token_losses(logits_BxTxV: jax.Array,  # decoder logits
     z_BxT = z_loss * jnp.square(log_z_BxT)
     return cross_entropy_BxT + z_BxT, z_BxT
 
-
+# %% ../../nbs/20a_step.ipynb #00776c97
 def weighted_loss(logits_BxTxV: jax.Array,  # decoder logits
                   targets_BxT: jax.Array,  # target token ids
                   weights_BxT: jax.Array,  # loss weights (0 on padding)
