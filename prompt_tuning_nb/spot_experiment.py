@@ -19,7 +19,7 @@ from . import spot, t5
 from .formats.prompt_files import load_prompt
 from .data import task_arrays
 from .experiment import ScaleSettings, TaskData, check_settings, check_tasks, load_pretrained, load_task
-from .experiment import _one_line, result_rows, run_method
+from .experiment import parameter_error, result_rows, run_method
 from .results import ResultsStore
 
 # %% ../nbs/31_spot_experiment.ipynb #2ef97ac2
@@ -49,9 +49,9 @@ def check_spot_settings(size,  # as in `experiment.check_settings`: "mini" (the 
     sources, targets = check_tasks("source_tasks", source_tasks), check_tasks("target_tasks", target_tasks)
     for target in targets:
         if target in sources:
-            raise _one_line("target_tasks", target, "a task that is not also a source (a task is never its own source)")
+            raise parameter_error("target_tasks", target, "a task that is not also a source (a task is never its own source)")
     if measure not in spot.MEASURES:
-        raise _one_line("measure", measure, f"one of {', '.join(spot.MEASURES)}")
+        raise parameter_error("measure", measure, f"one of {', '.join(spot.MEASURES)}")
     checked = check_settings(size, ("prompt_tuning", "model_tuning"), sources + targets, out_dir=out_dir,
                              smoke=smoke, seeds_name="seeds", **training)
     return SpotSettings(checked, sources, targets, measure)

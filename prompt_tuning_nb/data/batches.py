@@ -15,7 +15,7 @@ import seqio
 
 from .corpora import SPLIT_FINGERPRINTS
 from .sources import FILES, cache_dir
-from .tasks import _build_corpus_task, get_task, task_info
+from .tasks import build_corpus_task, get_task, task_info
 from .vocab import get_vocabulary
 from ..formats.atomic import atomic_write
 
@@ -42,7 +42,7 @@ ARRAYS_VERSION = 1  # bump when preprocessing changes what a built-in task's arr
 
 def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabulary, seed: int):
     "Where a built-in task's arrays are cached on disk; None for benchmark data (TFDS, maybe mocked) and users' tasks."
-    if task_info(task_name).build is _build_corpus_task:
+    if task_info(task_name).build is build_corpus_task:
         data = SPLIT_FINGERPRINTS[task_name]
     elif task_info(task_name).kind == "pretraining":  # the noise is a function of the seed
         data = [seed] + [FILES[key].sha256 for key in sorted(FILES) if key.startswith(("wikitext2", "news"))]

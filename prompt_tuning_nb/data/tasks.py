@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TASKS', 'T5_PREPROCESSORS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATION_TASKS', 'BENCHMARKS', 'BENCHMARK_TASKS',
            'accuracy', 'label_macro_f1', 'f1_of', 'TaskInfo', 'register_task', 'task_info', 'get_task', 'label_words',
-           'to_text2text', 'format_example', 't5_output_features', 'strip_postprocessor',
+           'to_text2text', 'format_example', 't5_output_features', 'strip_postprocessor', 'build_corpus_task',
            'register_classification_tasks', 'register_classification_task', 'Benchmark', 'register_benchmark_tasks']
 
 # %% ../../nbs/15d_tasks.ipynb #82d1bfbf
@@ -187,7 +187,10 @@ def _corpus_dataset(name: str, split: str, shuffle_files: bool = False, seed=Non
         "label": tf.constant([ids[e.label] for e in examples], tf.int32)})
 
 
-def _build_corpus_task(name: str, vocab: seqio.Vocabulary) -> seqio.Task:
+def build_corpus_task(name: str,  # an offline corpus, a key of `CORPORA`
+                      vocab: seqio.Vocabulary,  # the vocabulary of its output features
+                      ) -> seqio.Task:
+    "The seqio task of an offline classification corpus (its `TaskInfo.build`)."
     corpus = CORPORA[name]
     source = seqio.FunctionDataSource(functools.partial(_corpus_dataset, name), splits=SPLITS,
                                       num_input_examples=dict(zip(SPLITS, SPLIT_SIZES[name])))
@@ -205,7 +208,7 @@ def register_classification_tasks() -> list:
     "Register a task per offline corpus and their examples-proportional mixture; returns the task names."
     for name, corpus in CORPORA.items():
         register_task(TaskInfo(name, "classification", corpus.label_words, corpus.description,
-                               _build_corpus_task, prefix=name, fields=(corpus.field,)))
+                               build_corpus_task, prefix=name, fields=(corpus.field,)))
     seqio.MixtureRegistry.remove(CLASSIFICATION_MIXTURE)
     seqio.MixtureRegistry.add(CLASSIFICATION_MIXTURE, [(n, SPLIT_SIZES[n][0]) for n in CORPORA])
     return list(CORPORA)

@@ -30,7 +30,7 @@ def parse_model(name: str,  # `size` or `size@seedN`, e.g. "mini_xs@seed1"
     "`(zoo size, pretraining seed)` of a model name, or a one-line error naming the `models` parameter."
     match = re.fullmatch(r"([a-z0-9_]+)(?:@seed(\d+))?", str(name).strip())
     if not match or match.group(1) not in ZOO_RECIPES:
-        raise experiment._one_line("models", name, f"a zoo size ({', '.join(ZOO_RECIPES)}), optionally with a "
+        raise experiment.parameter_error("models", name, f"a zoo size ({', '.join(ZOO_RECIPES)}), optionally with a "
                                    "pretraining seed as in mini_xs@seed1 (recycling needs a shared vocabulary; "
                                    "real checkpoints: use run_recycle)")
     return match.group(1), int(match.group(2) or 0)
@@ -66,7 +66,7 @@ SMOKE = dict(models=("mini_xs", "mini_s"), num_words=500, word_offset=100)  # wi
 
 def _positive(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise experiment._one_line(name, value, f"an integer >= {minimum}")
+        raise experiment.parameter_error(name, value, f"an integer >= {minimum}")
 
 
 def check_recycling_settings(models="mini_xs,mini_xs@seed1,mini_s",  # model names, comma-separated or a list
@@ -87,25 +87,25 @@ def check_recycling_settings(models="mini_xs,mini_xs@seed1,mini_s",  # model nam
     "Every parameter of a recycling run checked, with a one-line error naming the first bad one."
     if smoke:
         models, num_words, word_offset = SMOKE["models"], SMOKE["num_words"], SMOKE["word_offset"]
-    names = tuple(model_name(*parse_model(name)) for name in experiment._names(models))
+    names = tuple(model_name(*parse_model(name)) for name in experiment.parse_names(models))
     if len(names) < 2 or len(set(names)) < len(names):
-        raise experiment._one_line("models", models, "at least two distinct models (each is a source and a target)")
+        raise experiment.parameter_error("models", models, "at least two distinct models (each is a source and a target)")
     sizes = ",".join(dict.fromkeys(parse_model(name)[0] for name in names))
     checked = experiment.check_settings(sizes, "prompt_tuning", tasks, prompt_length=prompt_length, steps=steps,
                                         seeds=seeds, max_eval_examples=max_eval_examples, results_db=results_db,
                                         out_dir=out_dir, smoke=smoke, seeds_name="seeds", **training)
-    recyclers = experiment._names(recyclers)
+    recyclers = experiment.parse_names(recyclers)
     for name in recyclers:
         if name not in RECYCLERS:
-            raise experiment._one_line("recyclers", name, f"one of {', '.join(RECYCLERS)}")
+            raise experiment.parameter_error("recyclers", name, f"one of {', '.join(RECYCLERS)}")
     if not recyclers:
-        raise experiment._one_line("recyclers", recyclers, "at least one recycler")
+        raise experiment.parameter_error("recyclers", recyclers, "at least one recycler")
     _positive("num_words", num_words)
     _positive("word_offset", word_offset, minimum=0)
     try:
         word_ids_for(t5.T5Config.from_preset(parse_model(names[0])[0]).vocab_size, num_words, word_offset)
     except RecyclingError as e:
-        raise experiment._one_line("num_words", num_words, f"a window after word_offset={word_offset} that fits ({e})") from None
+        raise experiment.parameter_error("num_words", num_words, f"a window after word_offset={word_offset} that fits ({e})") from None
     return RecyclingSettings(names, recyclers, num_words, word_offset, checked)
 
 # %% ../../nbs/40d_recycling_experiment.ipynb #0ceeca4e
