@@ -1,7 +1,13 @@
-"""Shared pytest fixtures: where the original's artifacts live (skipping when they do not), and running the experiment notebooks."""
+"""Shared pytest fixtures: where the original's artifacts live (skipping when they do not), running the experiment
+notebooks, and measuring again what a smoke run wrote. Every test session loads this file, so the fixtures import the
+model and data modules (seconds each) themselves."""
+import json
+import math
 import os
+import typing
 from pathlib import Path
 
+import numpy as np
 import papermill
 import pytest
 
@@ -11,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EVAL_BATCH = 64  # the experiments' evaluation batch: the same compiled program, so the same scores bit for bit
+PROMPT_FILE = "encoder.prompt.prompt.prompt"  # the prompt's name in a run's numpy_checkpoints/checkpoint_{step}/
 
 
 @pytest.fixture(scope="session")
@@ -45,4 +53,146 @@ def assert_stops_at_settings(tmp_path, run_experiment):
         assert message in error.value.evalue and "\n" not in error.value.evalue
         assert error.value.source.startswith(settings_cell)  # before any model was built
         assert len(ResultsStore(db, create=False)) == 1 and db.read_bytes() == before
+    return check
+
+
+class EvalData(typing.NamedTuple):
+    "The examples a smoke run evaluates a task (or a mixture of tasks) on, rebuilt from the tokenized splits."
+    label_words: tuple  # class id -> label word
+    candidates: np.ndarray  # `[C, L]` the label words' tokens with EOS, zero-padded
+    validation: tuple  # (inputs `[N, T]`, labels `[N]`)
+    test: tuple  # (inputs, labels)
+
+
+def label_tokens(vocab, words) -> np.ndarray:
+    "`[C, L]` the tokens of each word with EOS, zero-padded."
+    encoded = [list(vocab.encode(word)) + [1] for word in words]
+    tokens_CxL = np.zeros((len(encoded), max(map(len, encoded))), np.int32)
+    for row, ids in enumerate(encoded):
+        tokens_CxL[row, :len(ids)] = ids
+    return tokens_CxL
+
+
+@pytest.fixture
+def eval_data():
+    """`load(tasks, vocab) -> EvalData`: the first `max_eval_examples` validation and test examples of each of `tasks`
+    in turn, at the smoke setting's input length, each labelled by the one label word its target tokens spell."""
+    from prompt_tuning_nb.data import label_words, task_arrays
+    from prompt_tuning_nb.experiment import SMOKE
+
+    def load(tasks, vocab) -> EvalData:
+        words = tuple(dict.fromkeys(word for task in tasks for word in label_words(task)))
+        candidates = label_tokens(vocab, words)
+
+        def split(name):
+            inputs, labels = [], []
+            for task in tasks:
+                lengths = {"inputs": SMOKE["inputs_length"], "targets": label_tokens(vocab, label_words(task)).shape[1]}
+                arrays = task_arrays(task, name, lengths, vocab=vocab)
+                targets = arrays["decoder_target_tokens"][:SMOKE["max_eval_examples"]]
+                targets = np.pad(targets, ((0, 0), (0, candidates.shape[1] - targets.shape[1])))
+                matches_NxC = (targets[:, None, :] == candidates[None]).all(axis=-1)
+                assert (matches_NxC.sum(axis=1) == 1).all()
+                inputs.append(arrays["encoder_input_tokens"][:SMOKE["max_eval_examples"]])
+                labels.append(matches_NxC.argmax(axis=1))
+            return np.concatenate(inputs), np.concatenate(labels)
+        return EvalData(words, candidates, split("validation"), split("test"))
+    return load
+
+
+@pytest.fixture
+def notebook_compilation_cache():
+    "JAX's persistent compilation cache in the folder the experiment notebooks fill, for one test: their programs load."
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    from prompt_tuning_nb.data import cache_dir
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    jax.config.update(names[0], str(cache_dir("jax")))
+    jax.config.update(names[1], 1.0)
+    yield
+    compilation_cache.reset_cache()
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture
+def score_prompt(notebook_compilation_cache):
+    """`score(config, params, prompt_PxH, (inputs, labels), candidates)`: rank-classification metrics of the model
+    with `prompt_PxH` (None: no prompt) in front of the inputs, non-finite ones as None (as the store keeps them)."""
+    from prompt_tuning_nb import t5
+    from prompt_tuning_nb.training.evaluation import classification_metrics, score_candidates
+
+    def score(config, params, prompt_PxH, split, candidates):
+        inputs, labels = split
+        prompted = params if prompt_PxH is None else t5.with_prompt(config, params, np.asarray(prompt_PxH, np.float32))
+        metrics = classification_metrics(score_candidates(config, prompted, inputs, candidates, batch_size=EVAL_BATCH),
+                                          labels)
+        return {name: value if math.isfinite(value) else None for name, value in metrics.items()}
+    return score
+
+
+class TrainedRun(typing.NamedTuple):
+    "What one training run left in its folder."
+    evaluations: list  # validation metrics (step and split removed), oldest first
+    best: dict  # the first evaluation with the highest accuracy: what early stopping on accuracy keeps
+    best_step: int  # its step
+    prompts: dict  # step -> the exported prompt `[P, H]` of that step (empty for model tuning)
+
+
+def read_run(run_dir: Path, steps: int, eval_every: int) -> TrainedRun:
+    "The `TrainedRun` in `run_dir`, which must have evaluated at step 0 and every `eval_every` steps up to `steps`."
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validation = [record for record in records if record["split"] == "validation"]
+    assert [record["step"] for record in validation] == list(range(0, steps + 1, eval_every))
+    evaluations = [{k: v for k, v in record.items() if k not in ("step", "split")} for record in validation]
+    best = max(range(len(evaluations)), key=lambda i: evaluations[i]["accuracy"])  # the first of equals
+    exported = sorted((run_dir / "numpy_checkpoints").glob(f"checkpoint_*/{PROMPT_FILE}"))
+    prompts = {int(path.parent.name.removeprefix("checkpoint_")): np.load(path) for path in exported}
+    return TrainedRun(evaluations, evaluations[best], validation[best]["step"], prompts)
+
+
+@pytest.fixture
+def check_prompt_tuning(score_prompt):
+    """`check(rows, run_dir, config, params, data) -> TrainedRun`: the `{split: row}` of a smoke prompt-tuning run
+    record its steps and sizes, and the scores, on `data`'s splits, of the best prompt it exported."""
+    from prompt_tuning_nb import t5
+    from prompt_tuning_nb.experiment import SMOKE
+
+    def check(rows, run_dir, config, params, data):
+        run = read_run(run_dir, SMOKE["steps"], SMOKE["eval_every"])
+        assert set(run.prompts) == {run.best_step, SMOKE["steps"]}  # the best prompt and the last one
+        assert rows["validation"]["metrics"] == pytest.approx(run.best, abs=1e-6)
+        for split, inputs_labels in (("validation", data.validation), ("test", data.test)):
+            row = rows[split]
+            assert row["steps"] == SMOKE["steps"] and row["num_params"] == t5.num_params(config)
+            assert row["trainable_params"] == SMOKE["prompt_length"] * config.d_model
+            best = score_prompt(config, params, run.prompts[run.best_step], inputs_labels, data.candidates)
+            assert row["metrics"] == pytest.approx(best, abs=1e-6)
+        return run
+    return check
+
+
+@pytest.fixture
+def check_model_tuning(score_prompt):
+    """`check(rows, run_dir, config, params, data)`: the `{split: row}` of a smoke model-tuning run record its steps
+    and sizes and its best evaluation, which started from the pretrained model, and accuracies that count examples of
+    `data`'s splits."""
+    from prompt_tuning_nb import t5
+    from prompt_tuning_nb.experiment import SMOKE
+
+    def check(rows, run_dir, config, params, data):
+        run = read_run(run_dir, SMOKE["steps"], SMOKE["eval_every"])
+        assert not run.prompts
+        assert run.evaluations[0] == pytest.approx(score_prompt(config, params, None, data.validation, data.candidates),
+                                                   abs=1e-6)
+        assert rows["validation"]["metrics"] == pytest.approx(run.best, abs=1e-6)
+        for split, (_, labels) in (("validation", data.validation), ("test", data.test)):
+            row = rows[split]
+            assert row["steps"] == SMOKE["steps"]
+            assert row["trainable_params"] == row["num_params"] == t5.num_params(config)
+            correct = row["metrics"]["accuracy"] * len(labels)
+            assert correct == pytest.approx(round(correct), abs=1e-6)  # a count of the evaluated examples
     return check

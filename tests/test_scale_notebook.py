@@ -1,18 +1,49 @@
-"""experiments/scale.ipynb: a smoke run through papermill fills the store and draws the figure; bad parameters stop it first."""
+"""experiments/scale.ipynb: a smoke run through papermill stores what its runs measured and draws the figure; bad
+parameters stop it first."""
+import numpy as np
 import pytest
 
+from prompt_tuning_nb import experiment, t5
+from prompt_tuning_nb.data import default_vocabulary
 from prompt_tuning_nb.results import ResultsStore
+from prompt_tuning_nb.zoo import pretrained_model
+
+SMOKE = experiment.SMOKE  # what `smoke=True` trains: the size, the zoo recipe, steps, prompt length
+TASKS = ("rt_polarity", "trec")  # the notebook's default tasks
+
+
+def designed_inputs(vocab, label_words, inputs_NxT):
+    "The inputs with prompt design's hand-written prompt in front."
+    prompt_ids = np.asarray(vocab.encode(f"Answer {' or '.join(label_words)}."), np.int32)
+    return np.concatenate([np.tile(prompt_ids, (len(inputs_NxT), 1)), inputs_NxT], axis=1)
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment):
+def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_data, score_prompt, check_prompt_tuning,
+                                              check_model_tuning):
     db, out = tmp_path / "results.sqlite", tmp_path / "out"
     run_experiment("scale", smoke=True, results_db=str(db), out_dir=str(out))
     rows = ResultsStore(db).rows()
     assert len(rows) == 2 * 3 * 2  # (validation, test) x 3 methods x 2 tasks
     assert {row["method"] for row in rows} == {"model_tuning", "prompt_tuning", "prompt_design"}
-    assert all(0.0 <= row["metrics"]["accuracy"] <= 1.0 for row in rows)
+    assert {row["task"] for row in rows} == set(TASKS)
     assert (out / "scale.png").stat().st_size > 0 and (out / "scale.svg").stat().st_size > 0
+
+    config, params, _ = pretrained_model(SMOKE["size"], SMOKE["zoo_recipe"], progress=False)
+    vocab = default_vocabulary()
+    for task in TASKS:
+        data = eval_data([task], vocab)
+        runs = {method: {row["split"]: row for row in rows if (row["task"], row["method"]) == (task, method)}
+                for method in ("model_tuning", "prompt_tuning", "prompt_design")}
+        folder = {method: out / f"{SMOKE['size']}-{task}-{method}-pretrained-seed0" for method in runs}
+        check_prompt_tuning(runs["prompt_tuning"], folder["prompt_tuning"], config, params, data)
+        check_model_tuning(runs["model_tuning"], folder["model_tuning"], config, params, data)
+        for split, (inputs, labels) in (("validation", data.validation), ("test", data.test)):
+            row = runs["prompt_design"][split]  # trains nothing: the scores of the hand-written prompt
+            assert row["steps"] == 0 and row["trainable_params"] == 0 and row["num_params"] == t5.num_params(config)
+            designed = (designed_inputs(vocab, data.label_words, inputs), labels)
+            scores = score_prompt(config, params, None, designed, data.candidates)
+            assert row["metrics"] == pytest.approx(scores, abs=1e-6)
 
 
 @pytest.mark.parametrize("parameters, message", [
