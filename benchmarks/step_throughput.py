@@ -105,7 +105,8 @@ def run_ours(prompt_tuning: bool, steps: int, warmup: int) -> dict:
     from prompt_tuning_nb import t5
     from prompt_tuning_nb.formats.tree import flatten_params, unflatten_params
     from prompt_tuning_nb.training.optim import model_tuning_rules, prompt_tuning_rules, trainable_paths
-    from prompt_tuning_nb.training.step import LossConfig, init_train_state, loss_fn, make_train_step, model_batch
+    from prompt_tuning_nb.family import family_of
+    from prompt_tuning_nb.training.step import LossConfig, init_train_state, loss_fn, make_train_step
 
     config = t5.T5Config(**MODEL, dropout_rate=DROPOUT)
     prompt_length = PROMPT_LENGTH if prompt_tuning else 0
@@ -133,7 +134,7 @@ def run_ours(prompt_tuning: bool, steps: int, warmup: int) -> dict:
         objective = lambda t: loss_fn(config, unflatten_params({**frozen, **t}), batch, LossConfig(), dropout_rng=key)[0]
         return jax.value_and_grad(objective)(trainable)
 
-    analysis = jax.jit(gradients).lower(trainable, frozen, model_batch(batch, config), jax.random.key(0)).cost_analysis()
+    analysis = jax.jit(gradients).lower(trainable, frozen, family_of(config).model_batch(batch), jax.random.key(0)).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return {**result, "xla_flops": float(analysis.get("flops", float("nan"))), "first_loss": losses[0],
             "last_loss": losses[-1], "versions": f"jax {jax.__version__}"}

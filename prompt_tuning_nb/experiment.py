@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['REAL_SIZES', 'DEFAULT_CHECKPOINT', 'T5_VOCABULARY', 'SMOKE', 'LADDER', 'ScaleSettings', 'parameter_error',
            'parse_names', 'check_tasks', 'check_settings', 'enable_compilation_cache', 'load_pretrained', 'TaskData',
-           'load_task', 'run_method', 'result_rows', 'run_scale']
+           'load_task', 'run_method', 'result_rows', 'measure', 'run_scale']
 
 # %% ../nbs/26_experiment.ipynb #6d310d69
 import dataclasses
@@ -13,22 +13,22 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 
-from . import initializers, t5
-from .formats.t5x import load_t5x_checkpoint
-from .data import cache_dir, get_vocabulary, label_words, task_arrays, task_batches, task_examples, task_info
+from . import family, initializers, t5
+from .data import cache_dir, label_words, task_arrays, task_batches, task_examples, task_info
 from .results import INITS, SCALE_METHODS, ResultsStore
 from .training.checkpointing import export_prompt
 from .training.evaluation import classification_evaluator, prepend_tokens, score_candidates
-from .training.evaluation import classification_metrics
+from .training.evaluation import classification_metrics, label_candidates
+from .models import load_model
 from .training.loop import EarlyStopping, train
 from .training.optim import model_tuning_rules, prompt_tuning_rules
 from .training.step import LossConfig
-from .zoo import ZOO_RECIPES, PretrainingRecipe, pretrained_model
+from .zoo import ZOO_RECIPES, PretrainingRecipe
 
 # %% ../nbs/26_experiment.ipynb #f3373120
 REAL_SIZES = ("small", "base", "large", "xl", "xxl")
@@ -182,10 +182,10 @@ def enable_compilation_cache(folder=None,  # default: `cache_dir('jax')` beside 
 def load_pretrained(size: str, settings: ScaleSettings, progress: bool = True) -> tuple:
     "`(config, params, vocab)`: a zoo model (built on first use) or the T5X checkpoint of a real size."
     if size in REAL_SIZES:
-        config, params = load_t5x_checkpoint(settings.checkpoint_dir.format(size=size))
-        return config, params, get_vocabulary(settings.vocabulary)
-    config, params, _ = pretrained_model(size, settings.zoo_recipe, progress=progress)
-    return config, params, get_vocabulary(None)
+        model = load_model(settings.checkpoint_dir.format(size=size), vocabulary=settings.vocabulary)
+    else:
+        model = load_model(size, zoo_recipe=settings.zoo_recipe, progress=progress)
+    return model.config, model.params, model.vocabulary
 
 
 @dataclasses.dataclass
@@ -208,17 +208,14 @@ def _split(name, split, lengths, vocab, limit):
 def load_task(name: str, vocab, settings: ScaleSettings) -> TaskData:
     "Candidates and evaluation splits of task `name` for `vocab`."
     words = label_words(name)
-    encoded = [list(vocab.encode(word)) + [1] for word in words]
-    candidates = np.zeros((len(words), max(map(len, encoded))), np.int32)
-    for row, ids in enumerate(encoded):
-        candidates[row, :len(ids)] = ids
+    candidates = label_candidates(words, vocab)
     lengths = {"inputs": settings.inputs_length, "targets": candidates.shape[1]}
     return TaskData(name, words, candidates, _split(name, "validation", lengths, vocab, settings.max_eval_examples),
                     _split(name, "test", lengths, vocab, settings.max_eval_examples))
 
 # %% ../nbs/26_experiment.ipynb #eaa46901
-def _prompt_initializer(init, params, vocab, words):
-    table = np.asarray(params["token_embedder"]["embedding"])
+def _prompt_initializer(init, config, params, vocab, words):
+    table = np.asarray(family.embedding_of(config, params))
     if init == "class_label":
         return initializers.from_embedded_list(table, vocab, list(words))
     if init == "sampled_vocab":
@@ -245,7 +242,7 @@ def _train_and_evaluate(config, params, rules, data, settings, seed, model_dir, 
 
 
 def run_method(method: str,  # one of `SCALE_METHODS`
-               config: t5.T5Config, params: dict,  # the pretrained model
+               config, params: dict,  # the pretrained model
                data: TaskData, vocab, settings: ScaleSettings,
                seed: int, model_dir: Path,  # the run's seed and folder
                progress: bool = True,
@@ -259,11 +256,11 @@ def run_method(method: str,  # one of `SCALE_METHODS`
                 "test": _evaluate(config, params, data, design(data.test)), "steps": 0, "trainable_params": 0}
     if method == "model_tuning":
         rules, start = model_tuning_rules(settings.model_learning_rate), params
-        trainable = t5.num_params(config)
+        trainable = family.num_params(config)
     else:
-        init = prompt_init or _prompt_initializer(settings.init, params, vocab, data.label_words)
+        init = prompt_init or _prompt_initializer(settings.init, config, params, vocab, data.label_words)
         prompt = init(jax.random.key(seed), (settings.prompt_length, config.d_model))
-        rules, start = prompt_tuning_rules(settings.learning_rate), t5.with_prompt(config, params, prompt)
+        rules, start = prompt_tuning_rules(settings.learning_rate), family.with_prompt(config, params, prompt)
         trainable = settings.prompt_length * config.d_model
     result, test = _train_and_evaluate(config, start, rules, data, settings, seed, model_dir, vocab, progress)
     found = {"validation": result.best_metrics, "test": test, "steps": result.step, "trainable_params": trainable}
@@ -274,16 +271,37 @@ def run_method(method: str,  # one of `SCALE_METHODS`
 
 # %% ../nbs/26_experiment.ipynb #80df0b2b
 def result_rows(experiment: str, size: str, method: str, task: str, seed: int,  # what was measured
-                result: dict,  # from `run_method`
+                result: dict,  # from `run_method` (or `{validation, test}` metrics of a method that trains nothing)
                 wall_time: float,  # seconds the run took
-                config: t5.T5Config,  # the model
+                config,  # the model
                 params: dict,  # the run's parameters (the setting the figures compare)
                 ) -> list:
     "The two store rows (validation, test) of one `run_method` result."
     return [{"experiment": experiment, "size": size, "method": method, "task": task, "seed": seed,
-             "split": split, "metrics": result[split], "steps": result["steps"], "wall_time": wall_time,
-             "num_params": t5.num_params(config), "trainable_params": result["trainable_params"],
+             "split": split, "metrics": result[split], "steps": result.get("steps", 0), "wall_time": wall_time,
+             "num_params": family.num_params(config), "trainable_params": result.get("trainable_params", 0),
              "params": params} for split in ("validation", "test")]
+
+
+def measure(store: ResultsStore,  # where the rows go
+            experiment: str, size: str, method: str, task: str, seed: int,  # what is measured
+            run: Callable[[], dict],  # does it: returns a `run_method` result or `{validation, test}` metrics
+            config,  # the model
+            params: dict,  # the setting the figures compare (prompt length, init, source, ...)
+            *,
+            name: str,  # what the progress line calls the measurement
+            progress: bool = True,  # print one line with the result
+            ) -> tuple:
+    "`(result, rows)`: `run()` timed, its two rows (validation, test) added to `store`; the result gains `wall_time`."
+    started = time.time()
+    result = run()
+    result = {**result, "wall_time": time.time() - started}
+    rows = result_rows(experiment, size, method, task, seed, result, result["wall_time"], config, params)
+    store.add_many(rows)
+    if progress:
+        print(f"{name}: validation accuracy {result['validation']['accuracy']:.3f}, "
+              f"test accuracy {result['test']['accuracy']:.3f} ({result['wall_time']:.0f} s)")
+    return result, rows
 
 
 def run_scale(settings: ScaleSettings,  # from `check_settings`
@@ -297,24 +315,19 @@ def run_scale(settings: ScaleSettings,  # from `check_settings`
         config, pretrained, vocab = load_pretrained(size, settings, progress)
         variants = [(True, pretrained)]
         if settings.from_scratch:
-            variants.append((False, t5.init_params(config, jax.random.key(1))))
+            variants.append((False, family.family_of(config).init_params(jax.random.key(1))))
         for task in settings.tasks:
             data = load_task(task, vocab, settings)
             for (is_pretrained, params), method, seed in itertools.product(variants, settings.methods, settings.seeds):
                 if not is_pretrained and method != "model_tuning":
                     continue
                 name = f"{size}-{task}-{method}-{'pretrained' if is_pretrained else 'scratch'}-seed{seed}"
-                started = time.time()
-                result = run_method(method, config, params, data, vocab, settings, seed, settings.out_dir / name, progress)
-                wall_time = time.time() - started
                 run_params = {"prompt_length": settings.prompt_length if method == "prompt_tuning" else None,
                               "init": settings.init if method == "prompt_tuning" else None,
                               "pretrained": is_pretrained, "batch_size": settings.batch_size,
                               "train_steps": settings.steps, "inputs_length": settings.inputs_length}
-                new = result_rows(experiment, size, method, task, seed, result, wall_time, config, run_params)
-                store.add_many(new)
-                rows += new
-                if progress:
-                    print(f"{name}: validation accuracy {result['validation']['accuracy']:.3f}, "
-                          f"test accuracy {result['test']['accuracy']:.3f} ({wall_time:.0f} s)")
+                run = lambda: run_method(method, config, params, data, vocab, settings, seed, settings.out_dir / name,
+                                         progress)
+                rows += measure(store, experiment, size, method, task, seed, run, config, run_params, name=name,
+                                progress=progress)[1]
     return rows

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['symmetric_uniform', 'Prompt', 'MultiTaskPrompt', 'expand_to_batch', 'select_prompts', 'insert_at', 'prefix',
            'prefix_after_bos', 'suffix', 'PlacedPrompt', 'placed_positions', 'remove_prompt', 'prompt_aware_validity',
-           'encoder_mask', 'decoder_only_mask']
+           'encoder_mask', 'prefix_lm_mask']
 
 # %% ../nbs/00_prompt_layer.ipynb #1c1b2a9b
 from typing import Callable
@@ -100,10 +100,10 @@ def suffix(prompt_BxPxH: jax.Array,  # the prompt of each example
            embedded_BxTxH: jax.Array,  # the embedded input
            tokens_BxT: jax.Array,  # the input token ids, `0` is padding
            before_eos: bool = True,  # keep the final (EOS) token after the prompt
-           decoder_only: bool = False,  # the first token is a BOS with id `0`, counted as data
+           bos_first: bool = False,  # the first token is a BOS with id `0`, counted as data
            ) -> jax.Array:
     "The prompt after each example's data, before its padding: `[B, P + T, H]`."
-    length_B = jnp.sum(tokens_BxT != 0, axis=1) + int(decoder_only) - int(before_eos)
+    length_B = jnp.sum(tokens_BxT != 0, axis=1) + int(bos_first) - int(before_eos)
     return insert_at(prompt_BxPxH, embedded_BxTxH, jnp.maximum(length_B, 0))
 
 # %% ../nbs/00_prompt_layer.ipynb #c7b3de8c
@@ -157,7 +157,7 @@ def encoder_mask(valid_BxS: jax.Array,  # `prompt_aware_validity` of the encoder
     return valid_BxS[:, None, :, None] & valid_BxS[:, None, None, :]
 
 # %% ../nbs/00_prompt_layer.ipynb #19b812c4
-def decoder_only_mask(placement: Callable,  # a placement function
+def prefix_lm_mask(placement: Callable,  # a placement function
                       decoder_causal_attention_BxT: jax.Array,  # 1 on the inputs (the bidirectional prefix)
                       tokens_BxT: jax.Array,  # the decoder input token ids
                       prompt_length: int,  # P

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import t5
+from .family import family_of
 
 # %% ../nbs/21_sharding.ipynb #0a197e1c
 def make_mesh(data: int,  # devices along the batch axis
@@ -95,7 +95,7 @@ def _shard_elements(shape, spec, mesh_shape):
     return math.prod(shape) // divisor
 
 
-def memory_plan(config: t5.T5Config,  # the model
+def memory_plan(config,  # the model
                 mesh_shape: dict,  # mesh axis sizes, e.g. `{'data': 4, 'model': 8}`
                 prompt_length: int = 100,  # P
                 trainable: str = r"prompt/prompt/prompt$",  # regex of the trained parameters
@@ -103,7 +103,7 @@ def memory_plan(config: t5.T5Config,  # the model
                 bytes_per_param: int = 4,  # 4 for float32 parameters, 2 for bfloat16
                 ) -> dict:
     "Per-device bytes of parameters, gradients and optimizer state, from shapes alone."
-    shapes = jax.eval_shape(lambda: t5.init_params(config, jax.random.key(0), prompt_length))
+    shapes = jax.eval_shape(lambda: family_of(config).init_params(jax.random.key(0), prompt_length))
     flat = [(_path(p), x) for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]]
     per_device = {path: _shard_elements(x.shape, partition_spec(path, x.shape, mesh_shape), mesh_shape) for path, x in flat}
     trained = {path: x for path, x in flat if re.search(trainable, path)}

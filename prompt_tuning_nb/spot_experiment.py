@@ -9,17 +9,17 @@ __all__ = ['EXPERIMENT', 'METRIC', 'SPOT_COLUMNS', 'SpotSettings', 'check_spot_s
 # %% ../nbs/31_spot_experiment.ipynb #21a0441e
 import dataclasses
 import itertools
-import time
 from typing import Mapping, Sequence
 
 import numpy as np
 import seqio
 
-from . import spot, t5
+from . import experiment, family, spot
 from .formats.prompt_files import load_prompt
 from .data import task_arrays
 from .experiment import ScaleSettings, TaskData, check_settings, check_tasks, load_pretrained, load_task
 from .experiment import parameter_error, result_rows, run_method
+from .training.evaluation import label_candidates
 from .results import ResultsStore
 
 # %% ../nbs/31_spot_experiment.ipynb #2ef97ac2
@@ -66,10 +66,7 @@ def mixture_task(sources: Sequence[str],  # the source tasks, in order
     name = "mixture:" + ":".join(sources)
     mixed = [parts[source] for source in sources]
     words = tuple(dict.fromkeys(word for part in mixed for word in part.label_words))
-    candidates = np.zeros((len(words), max(part.candidates.shape[1] for part in mixed)), np.int32)
-    for part in mixed:
-        for word, tokens_L in zip(part.label_words, part.candidates):
-            candidates[words.index(word), :len(tokens_L)] = tokens_L
+    candidates = label_candidates(words, vocab)
     lengths = {"inputs": settings.inputs_length, "targets": candidates.shape[1]}
     sizes = [len(task_arrays(source, "train", lengths, vocab=vocab)["encoder_input_tokens"]) for source in sources]
     seqio.MixtureRegistry.remove(name)
@@ -145,15 +142,11 @@ def run_spot(settings: SpotSettings,  # from `check_spot_settings`
                 "Train and evaluate `method` on `task` (from `source`'s exported prompt); store its two rows."
                 name = f"{size}-seed{seed}-{task}-{method}" + (f"-from-{source}" if source else "")
                 init = spot.transfer_initializer(prompt_files[source]) if source else None
-                started = time.time()
-                result = run_method("model_tuning" if method == "model_tuning" else "prompt_tuning", config, params,
-                                    data[task], vocab, training, seed, training.out_dir / name, progress, init)
-                result["wall_time"] = time.time() - started
-                keep(result_rows(EXPERIMENT, size, method, task, seed, result, result["wall_time"], config,
-                                 run_params(method, source)))
-                if progress:
-                    print(f"{name}: {METRIC} {result['validation'][METRIC]:.3f} on validation, "
-                          f"{result['test'][METRIC]:.3f} on test, {result['wall_time']:.0f} s")
+                run = lambda: run_method("model_tuning" if method == "model_tuning" else "prompt_tuning", config, params,
+                                         data[task], vocab, training, seed, training.out_dir / name, progress, init)
+                result, new = experiment.measure(store, EXPERIMENT, size, method, task, seed, run, config,
+                                                 run_params(method, source), name=name, progress=progress)
+                rows.extend(new)
                 return result
 
             def tune(task):
@@ -177,7 +170,7 @@ def run_spot(settings: SpotSettings,  # from `check_spot_settings`
                                  {**run_params("spot_retrieved", source), "measure": settings.measure}))
             tasks = (*settings.target_tasks, *settings.source_tasks)
             keep(similarity_rows({task: load_prompt(final_files[task]) for task in tasks}, size, seed,
-                                 t5.num_params(config)))
+                                 family.num_params(config)))
     return rows
 
 # %% ../nbs/31_spot_experiment.ipynb #a855d7c5

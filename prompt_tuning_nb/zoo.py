@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import t5
+from . import family, t5
 from .formats.t5x import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
 from .formats.atomic import atomic_write_text
 from .data import FILES, cache_dir, default_vocabulary, span_corruption_lengths, task_batches
@@ -165,7 +165,7 @@ def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
     final = folder / f"checkpoint_{sum(steps for _, steps in recipe.stages)}"
     if not final.exists():
         save_t5x_checkpoint(final, params, step=sum(steps for _, steps in recipe.stages))
-    info = {"size": size, "parameters": t5.num_params(config), "recipe": dataclasses.asdict(recipe), "stages": stages,
+    info = {"size": size, "parameters": family.num_params(config), "recipe": dataclasses.asdict(recipe), "stages": stages,
             "pretraining_minutes": round((time.time() - started) / 60, 2), "folder": str(folder)}
     _write_json(folder / "info.json", info)
     return config, params, info

@@ -122,12 +122,12 @@ def notebook_compilation_cache():
 def score_prompt(notebook_compilation_cache):
     """`score(config, params, prompt_PxH, (inputs, labels), candidates)`: rank-classification metrics of the model
     with `prompt_PxH` (None: no prompt) in front of the inputs, non-finite ones as None (as the store keeps them)."""
-    from prompt_tuning_nb import t5
+    from prompt_tuning_nb import family
     from prompt_tuning_nb.training.evaluation import classification_metrics, score_candidates
 
     def score(config, params, prompt_PxH, split, candidates):
         inputs, labels = split
-        prompted = params if prompt_PxH is None else t5.with_prompt(config, params, np.asarray(prompt_PxH, np.float32))
+        prompted = params if prompt_PxH is None else family.with_prompt(config, params, np.asarray(prompt_PxH, np.float32))
         metrics = classification_metrics(score_candidates(config, prompted, inputs, candidates, batch_size=EVAL_BATCH),
                                           labels)
         return {name: value if math.isfinite(value) else None for name, value in metrics.items()}
@@ -158,7 +158,7 @@ def read_run(run_dir: Path, steps: int, eval_every: int) -> TrainedRun:
 def check_prompt_tuning(score_prompt):
     """`check(rows, run_dir, config, params, data) -> TrainedRun`: the `{split: row}` of a smoke prompt-tuning run
     record its steps and sizes, and the scores, on `data`'s splits, of the best prompt it exported."""
-    from prompt_tuning_nb import t5
+    from prompt_tuning_nb import family
     from prompt_tuning_nb.experiment import SMOKE
 
     def check(rows, run_dir, config, params, data):
@@ -167,7 +167,7 @@ def check_prompt_tuning(score_prompt):
         assert rows["validation"]["metrics"] == pytest.approx(run.best, abs=1e-6)
         for split, inputs_labels in (("validation", data.validation), ("test", data.test)):
             row = rows[split]
-            assert row["steps"] == SMOKE["steps"] and row["num_params"] == t5.num_params(config)
+            assert row["steps"] == SMOKE["steps"] and row["num_params"] == family.num_params(config)
             assert row["trainable_params"] == SMOKE["prompt_length"] * config.d_model
             best = score_prompt(config, params, run.prompts[run.best_step], inputs_labels, data.candidates)
             assert row["metrics"] == pytest.approx(best, abs=1e-6)
@@ -180,7 +180,7 @@ def check_model_tuning(score_prompt):
     """`check(rows, run_dir, config, params, data)`: the `{split: row}` of a smoke model-tuning run record its steps
     and sizes and its best evaluation, which started from the pretrained model, and accuracies that count examples of
     `data`'s splits."""
-    from prompt_tuning_nb import t5
+    from prompt_tuning_nb import family
     from prompt_tuning_nb.experiment import SMOKE
 
     def check(rows, run_dir, config, params, data):
@@ -192,7 +192,7 @@ def check_model_tuning(score_prompt):
         for split, (_, labels) in (("validation", data.validation), ("test", data.test)):
             row = rows[split]
             assert row["steps"] == SMOKE["steps"]
-            assert row["trainable_params"] == row["num_params"] == t5.num_params(config)
+            assert row["trainable_params"] == row["num_params"] == family.num_params(config)
             correct = row["metrics"]["accuracy"] * len(labels)
             assert correct == pytest.approx(round(correct), abs=1e-6)  # a count of the evaluated examples
     return check

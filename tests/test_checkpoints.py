@@ -24,11 +24,11 @@ from prompt_tuning_nb import t5
 from prompt_tuning_nb.formats.hf import load_hf_t5, save_hf_t5
 from prompt_tuning_nb.formats.prompt_files import (load_peft_prompt, load_prompt, save_npy_prompt, save_numpy,
                                                    save_peft_prompt, save_t5x_numpy_prompt)
-from prompt_tuning_nb.formats.t5x import (config_from_params, load_t5x_checkpoint, load_t5x_variable, t5x_array_spec,
-                                          t5x_param_shapes)
+from prompt_tuning_nb.formats.t5x import load_t5x_checkpoint, load_t5x_variable, t5x_array_spec
 from prompt_tuning_nb.formats.tree import (CheckpointError, CheckpointNotFoundError, flatten_params, kvstore_spec,
                                            unflatten_params)
 from prompt_tuning_nb.scripts import extract_variable, find_module
+from prompt_tuning_nb.t5_shapes import config_from_params, t5x_param_shapes
 
 # The fixture checkpoint's model (fixtures/README.md): relpos max distance 8 is not stored in the weights.
 TINY = t5.T5Config(vocab_size=32128, d_model=4, num_heads=2, head_dim=2, num_encoder_layers=2, num_decoder_layers=2,

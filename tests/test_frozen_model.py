@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_tuning_nb import t5
+from prompt_tuning_nb import family, t5
 from prompt_tuning_nb.training.optim import prompt_tuning_rules
 from prompt_tuning_nb.training.step import LossConfig, init_train_state, make_train_step
 
@@ -61,7 +61,7 @@ def test_gradient_with_respect_to_the_prompt_argument(mini_xs):
         return optax.softmax_cross_entropy_with_integer_labels(logits, TARGETS).mean()
 
     def tree_loss(prompt_PxD):
-        logits = t5.forward(config, t5.with_prompt(config, params, prompt_PxD), ENCODER, t5.shift_right(TARGETS))
+        logits = t5.forward(config, family.with_prompt(config, params, prompt_PxD), ENCODER, t5.shift_right(TARGETS))
         return optax.softmax_cross_entropy_with_integer_labels(logits, TARGETS).mean()
 
     loss_and_grad = jax.jit(jax.value_and_grad(argument_loss))

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from prompt_tuning_nb import experiment, t5
+from prompt_tuning_nb import experiment, family
 from prompt_tuning_nb.data import default_vocabulary
 from prompt_tuning_nb.recycling import experiment as recycling
 from prompt_tuning_nb.recycling.run_recycle import word_ids_for
@@ -59,7 +59,7 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
         assert set(rows) == {"validation", "test"}
         for split, inputs_labels in (("validation", data.validation), ("test", data.test)):
             assert rows[split]["steps"] == 0 and rows[split]["trainable_params"] == 0
-            assert rows[split]["num_params"] == t5.num_params(config)
+            assert rows[split]["num_params"] == family.num_params(config)
             scores = score_prompt(config, params, prompt_PxH, inputs_labels, data.candidates)
             assert rows[split]["metrics"] == pytest.approx(scores, abs=1e-6)
 

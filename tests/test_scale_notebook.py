@@ -3,7 +3,7 @@ parameters stop it first."""
 import numpy as np
 import pytest
 
-from prompt_tuning_nb import experiment, t5
+from prompt_tuning_nb import experiment, family
 from prompt_tuning_nb.data import default_vocabulary
 from prompt_tuning_nb.results import ResultsStore
 from prompt_tuning_nb.zoo import pretrained_model
@@ -40,7 +40,7 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
         check_model_tuning(runs["model_tuning"], folder["model_tuning"], config, params, data)
         for split, (inputs, labels) in (("validation", data.validation), ("test", data.test)):
             row = runs["prompt_design"][split]  # trains nothing: the scores of the hand-written prompt
-            assert row["steps"] == 0 and row["trainable_params"] == 0 and row["num_params"] == t5.num_params(config)
+            assert row["steps"] == 0 and row["trainable_params"] == 0 and row["num_params"] == family.num_params(config)
             designed = (designed_inputs(vocab, data.label_words, inputs), labels)
             scores = score_prompt(config, params, None, designed, data.candidates)
             assert row["metrics"] == pytest.approx(scores, abs=1e-6)

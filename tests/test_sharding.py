@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
-from prompt_tuning_nb import t5
+from prompt_tuning_nb import family, t5
 from prompt_tuning_nb.sharding import make_mesh, memory_plan, param_specs, print_memory_plan
 from prompt_tuning_nb.training.loop import array_batches, train
 from prompt_tuning_nb.training.optim import model_tuning_rules, prompt_tuning_rules
@@ -165,7 +165,7 @@ def test_xxl_memory_plan_without_allocating(mesh_shape, capsys):
     plan = memory_plan(config, mesh_shape, prompt_length=100, optimizer_init=optax.adafactor(0.3, factored=False).init)
     assert time.perf_counter() - started < 20
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 2**20  # < 1 GiB for 44.5 GB of weights
-    total = t5.num_params(config, prompt_length=100)
+    total = family.num_params(config, prompt_length=100)
     assert plan["devices"] == math.prod(mesh_shape.values())
     assert plan["total_parameters"] == total
     assert total * 4 / 8 <= plan["parameters"] <= total * 4 / 8 * 1.001  # every big array split 8 ways

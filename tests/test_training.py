@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from prompt_tuning_nb import t5
+from prompt_tuning_nb import family, t5
 from prompt_tuning_nb.training.evaluation import classification_evaluator, prepend_tokens
 from prompt_tuning_nb.training.known_prompt import MarkerTask
 from prompt_tuning_nb.training.loop import EarlyStopping, NonFiniteLossError, array_batches, train
@@ -198,7 +198,7 @@ def test_prompt_tuning_finds_a_known_prompt(tmp_path):
 
     train_inputs, train_labels = task.sample(4096, seed=1, marked=False)
     prompt = jax.random.uniform(jax.random.key(1), (task.num_markers, config.d_model), minval=-0.5, maxval=0.5)
-    tuned = train(config, t5.with_prompt(config, model.params, prompt), prompt_tuning_rules(),
+    tuned = train(config, family.with_prompt(config, model.params, prompt), prompt_tuning_rules(),
                   array_batches({"encoder_input_tokens": train_inputs,
                                  "decoder_target_tokens": task.targets(train_labels)}, batch_size=32, seed=1),
                   model_dir=tmp_path / "prompt", train_steps=150, seed=0, loss=LossConfig(), checkpoint_every=50,

@@ -18,10 +18,11 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from .atomic import atomic_folder
-from .t5x import check_config, config_from_params
 from .tree import (CheckpointError, CheckpointNotFoundError, first_line_of, flatten_params,
                                            unflatten_params)
+from ..family import family_of
 from ..t5 import T5Config
+from ..t5_shapes import check_config, config_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ def save_hf_t5(folder: str | os.PathLike,  # the Hugging Face folder to write (a
                params: dict,  # its parameter tree (a prompt in it is not written)
                ) -> Path:
     "Write `params` as a Hugging Face T5 v1.1 folder (config.json + model.safetensors); returns the folder."
-    if config.decoder_only:
-        raise CheckpointError(f"{folder}: a decoder-only model has no Hugging Face T5 equivalent; expected an "
-                              "encoder-decoder config")
+    if family_of(config).name != "t5_1_1":
+        raise CheckpointError(f"{folder}: a {family_of(config).name} model has no Hugging Face T5 equivalent; expected "
+                              "a T5 1.1 encoder-decoder config")
     flat = flatten_params(params)
     check_config(config, config_from_params(params), "params")
     tensors = {name: np.ascontiguousarray(flat[path].T if transpose else flat[path])

@@ -21,6 +21,7 @@ import tensorstore as ts
 from safetensors import safe_open
 
 from .atomic import atomic_folder, atomic_write
+from ..family import family_of
 from .tree import CheckpointError, CheckpointNotFoundError, first_line_of, kvstore_spec
 from ..t5 import T5Config
 
@@ -85,7 +86,7 @@ def save_peft_prompt(folder: str | os.PathLike,  # the adapter folder to write (
     prompt = check_prompt(prompt, config.d_model if config else None, str(folder))
     prompt = np.ascontiguousarray(_npy_ready(prompt))
     adapter = {"peft_type": "PROMPT_TUNING",
-               "task_type": "CAUSAL_LM" if config and config.decoder_only else "SEQ_2_SEQ_LM",
+               "task_type": family_of(config).peft_task_type if config else "SEQ_2_SEQ_LM",
                "num_virtual_tokens": int(prompt.shape[0]), "token_dim": int(prompt.shape[1]),
                "num_transformer_submodules": 1,
                "num_attention_heads": config.num_heads if config else None,

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PLACEMENTS', 'EVALUATIONS', 'PromptSpec', 'model_rng', 'prompt_rng', 'model_params', 'random_init_checkpoint',
-           'training_batches', 'label_candidates', 'classification_split', 'make_evaluator']
+           'training_batches', 'classification_split', 'make_evaluator']
 
 # %% ../../nbs/22b_gin_builders.ipynb #187a0843
 import dataclasses
@@ -12,18 +12,19 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import prompts, t5
+from .. import family, prompts, t5
 from ..data import TASKS, get_vocabulary, task_arrays, task_batches, task_info
-from ..formats.hf import load_hf_t5
-from ..formats.t5x import check_config, load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
-from ..formats.tree import CheckpointError
-from ..training.evaluation import classification_evaluator, decoding_evaluator, loss_evaluator
+from ..formats.t5x import save_t5x_checkpoint
+from ..models import read_checkpoint
+from ..t5_shapes import check_config
+from ..training.evaluation import (classification_evaluator, decoding_evaluator, label_candidates,
+                                                  loss_evaluator)
 from ..training.loop import EarlyStopping
 
 _log = logging.getLogger(__name__)
@@ -66,11 +67,10 @@ def prompt_rng(seed: int) -> jax.Array:
 
 
 def _without_prompt(config: t5.T5Config, params: dict, where: str) -> dict:
-    stack = "decoder" if config.decoder_only else "encoder"
-    if "prompt" not in params.get(stack, {}):
+    if family.prompt_of(config, params) is None:
         return params
     _log.info("%s: the checkpoint's prompt is not loaded (the run's PROMPT makes its own)", where)
-    return {**params, stack: {k: v for k, v in params[stack].items() if k != "prompt"}}
+    return family.without_prompt(config, params)
 
 
 def model_params(config: t5.T5Config,  # the gin MODEL; checked against the checkpoint's shapes
@@ -83,21 +83,8 @@ def model_params(config: t5.T5Config,  # the gin MODEL; checked against the chec
         _log.info("INITIAL_CHECKPOINT_PATH is None: random initialization of the model (d_model=%d, %d+%d layers, "
                   "vocabulary %d) from RANDOM_SEED=%d", config.d_model, config.num_encoder_layers,
                   config.num_decoder_layers, config.vocab_size, seed)
-        return jax.device_get(t5.init_params(config, model_rng(seed)))
-    text = os.fspath(path)
-    if "://" in text:
-        where, (found, params) = text, load_t5x_checkpoint(text)
-    else:
-        local = Path(text).expanduser()
-        folder = t5x_checkpoint_folder(local) if local.is_dir() else None
-        if folder is not None:
-            where, (found, params) = str(folder), load_t5x_checkpoint(folder)
-        elif (local / "config.json").is_file() and (local / "model.safetensors").is_file():
-            where, (found, params) = str(local), load_hf_t5(local)
-        else:
-            raise CheckpointError(f"{local}: not a T5X checkpoint folder (no `checkpoint` file or checkpoint_N "
-                                  "folders) nor a Hugging Face T5 folder (config.json + model.safetensors); expected "
-                                  "one of those, or None for a random model")
+        return jax.device_get(family.family_of(config).init_params(model_rng(seed)))
+    found, params, where = read_checkpoint(path)
     check_config(config, found, where)
     _log.info("loaded the model from %s", where)
     return _without_prompt(config, params, where)
@@ -129,21 +116,6 @@ def training_batches(task: str,  # MIXTURE_OR_TASK_NAME
         stream = task_batches(task, "train", batch_size, feature_lengths, seed=seed, vocab=vocab)
         return itertools.islice(stream, step, None)
     return batches
-
-
-def label_candidates(words: Sequence[str],  # the label words, in class-id order
-                     vocab,  # the task's vocabulary
-                     length: int,  # the targets length
-                     ) -> np.ndarray:
-    "`[C, L]` token ids of each label word then EOS, padded with 0: the targets rank classification scores."
-    rows = []
-    for word in words:
-        ids = [int(i) for i in vocab.encode(word)]
-        if len(ids) + 1 > length:
-            raise ValueError(f"label word {word!r} is {len(ids)} tokens + EOS, longer than the targets length "
-                             f"{length}; raise TASK_FEATURE_LENGTHS['targets']")
-        rows.append(ids + [1] + [0] * (length - len(ids) - 1))
-    return np.asarray(rows, np.int32)
 
 
 def _sample_rows(n: int, num_examples: Optional[int]) -> np.ndarray:

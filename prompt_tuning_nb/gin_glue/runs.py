@@ -16,13 +16,12 @@ from typing import Optional, Sequence
 
 import jax
 
-from .. import t5
+from .. import family, t5
 from ..data import get_vocabulary, task_arrays, task_examples, task_info
 from ..formats.atomic import atomic_write_text
 from ..formats.t5x import save_t5x_checkpoint
-from .builders import (PromptSpec, label_candidates, make_evaluator, model_params, prompt_rng,
-                                                training_batches)
-from ..training.evaluation import infer
+from .builders import PromptSpec, make_evaluator, model_params, prompt_rng, training_batches
+from ..training.evaluation import infer, label_candidates
 from ..training.loop import TrainResult, train
 from ..training.step import LossConfig
 
@@ -90,7 +89,7 @@ def run_train(model: t5.T5Config,  # MODEL
     params = model_params(model, initial_checkpoint_path, seed=random_seed)
     placement = None
     if prompt is not None:
-        params = t5.with_prompt(model, params, prompt.initial_prompt(model.d_model, prompt_rng(random_seed)))
+        params = family.with_prompt(model, params, prompt.initial_prompt(model.d_model, prompt_rng(random_seed)))
         placement = prompt.placement_fn
     evaluate, stopping = None, None
     if evaluation is not None:
@@ -123,7 +122,7 @@ def _prompted_model(model, checkpoint_path, prompt, seed):
     params = model_params(model, checkpoint_path, seed=seed)
     if prompt is None:
         return params, None
-    return t5.with_prompt(model, params, prompt.initial_prompt(model.d_model, prompt_rng(seed))), prompt.placement_fn
+    return family.with_prompt(model, params, prompt.initial_prompt(model.d_model, prompt_rng(seed))), prompt.placement_fn
 
 
 def run_eval(model: t5.T5Config,  # MODEL

@@ -8,21 +8,23 @@ __all__ = ['SMOKE', 'parse_model', 'model_name', 'model_recipe', 'RecyclingSetti
 
 # %% ../../nbs/40d_recycling_experiment.ipynb #408de6f0
 import dataclasses
+import functools
 import itertools
 import re
-import time
 from typing import Optional
 
 import numpy as np
 
-from .. import experiment, t5
+from .. import experiment, family, t5
 from ..formats.prompt_files import load_prompt, save_npy_prompt
 from ..data import default_vocabulary
+from ..family import embedding_of
+from ..models import load_model
 from .recyclers import RECYCLERS, RecyclingError, fit_recycler
 from .run_recycle import word_ids_for
 from ..results import ResultsStore
 from ..training.evaluation import classification_metrics, score_candidates
-from ..zoo import ZOO_RECIPES, PretrainingRecipe, pretrained_model
+from ..zoo import ZOO_RECIPES, PretrainingRecipe
 
 # %% ../../nbs/40d_recycling_experiment.ipynb #5f252504
 def parse_model(name: str,  # `size` or `size@seedN`, e.g. "mini_xs@seed1"
@@ -114,7 +116,7 @@ def evaluate_prompt(config: t5.T5Config, params: dict,  # the target model (with
                     data: experiment.TaskData,  # from `experiment.load_task`
                     ) -> dict:
     "`{validation, test}` classification metrics of the model with `prompt_PxH` in front of its inputs."
-    prompted = t5.with_prompt(config, params, None if prompt_PxH is None else np.asarray(prompt_PxH, np.float32))
+    prompted = family.with_prompt(config, params, None if prompt_PxH is None else np.asarray(prompt_PxH, np.float32))
     return {split: classification_metrics(score_candidates(config, prompted, inputs, data.candidates, batch_size=64), labels)
             for split, (inputs, labels) in (("validation", data.validation), ("test", data.test))}
 
@@ -127,14 +129,6 @@ def random_prompt_like(prompt_PxH: np.ndarray,  # the reference prompt
     return (noise_PxH * np.linalg.norm(prompt_PxH) / np.linalg.norm(noise_PxH)).astype(np.float32)
 
 # %% ../../nbs/40d_recycling_experiment.ipynb #1b7a52e4
-def _say(rows, wall_time):
-    "One line for a measurement's two rows."
-    row, source = rows[0], rows[0]["params"].get("source")
-    print(f"{row['method']:13s} {(source + ' -> ') if source else ''}{row['size']} {row['task']} seed {row['seed']}: "
-          f"validation accuracy {row['metrics']['accuracy']:.3f}, test {rows[1]['metrics']['accuracy']:.3f} "
-          f"({wall_time:.0f} s)")
-
-
 def run_recycling(settings: RecyclingSettings,  # from `check_recycling_settings`
                   progress: bool = True,  # pretraining and training progress, and a line per result
                   ) -> list:
@@ -144,48 +138,50 @@ def run_recycling(settings: RecyclingSettings,  # from `check_recycling_settings
     models = {}
     for name in settings.models:
         size, recipe = model_recipe(name, train.zoo_recipe)
-        config, params, _ = pretrained_model(size, recipe, progress=progress)
-        models[name] = (config, params)
+        loaded = load_model(size, zoo_recipe=recipe, progress=progress)
+        models[name] = (loaded.config, loaded.params)
     data = {task: experiment.load_task(task, vocab, train) for task in train.tasks}
     common = {"prompt_length": train.prompt_length, "train_steps": train.steps, "inputs_length": train.inputs_length}
 
-    def record(name, method, task, seed, result, started, **params):
-        wall_time = time.time() - started
-        new = experiment.result_rows("recycling", name, method, task, seed, {"steps": 0, "trainable_params": 0, **result},
-                                     wall_time, models[name][0], {**common, **params})
-        store.add_many(new)
+    def record(name, method, task, seed, run, source=None, **params):
+        "Measure `run()` on model `name` and store its two rows; returns the result."
+        label = f"{method} {(source + ' -> ') if source else ''}{name} {task} seed {seed}"
+        setting = {**common, **({"source": source} if source else {}), **params}
+        result, new = experiment.measure(store, "recycling", name, method, task, seed, run, models[name][0], setting,
+                                         name=label, progress=progress)
         rows.extend(new)
-        if progress:
-            _say(new, wall_time)
+        return result
 
     prompts = {}
     for name, task, seed in itertools.product(settings.models, train.tasks, train.seeds):
-        started, (config, params) = time.time(), models[name]
-        result = experiment.run_method("prompt_tuning", config, params, data[task], vocab, train, seed,
-                                       train.out_dir / f"{name}-{task}-prompt_tuning-seed{seed}", progress)
+        config, params = models[name]
+        run = lambda: experiment.run_method("prompt_tuning", config, params, data[task], vocab, train, seed,
+                                            train.out_dir / f"{name}-{task}-prompt_tuning-seed{seed}", progress)
+        result = record(name, "prompt_tuning", task, seed, run, init=train.init, batch_size=train.batch_size)
         prompts[name, task, seed] = load_prompt(result["prompt_file"])
-        record(name, "prompt_tuning", task, seed, result, started, init=train.init, batch_size=train.batch_size)
     for name, task in itertools.product(settings.models, train.tasks):
-        started, (config, params) = time.time(), models[name]
-        record(name, "zero_shot", task, train.seeds[0], evaluate_prompt(config, params, None, data[task]), started,
+        config, params = models[name]
+        record(name, "zero_shot", task, train.seeds[0], lambda: evaluate_prompt(config, params, None, data[task]),
                prompt_length=0)
         for seed in train.seeds:
-            started, random_PxH = time.time(), random_prompt_like(prompts[name, task, seed], seed)
-            record(name, "random_prompt", task, seed, evaluate_prompt(config, params, random_PxH, data[task]), started,
+            random_PxH = random_prompt_like(prompts[name, task, seed], seed)
+            record(name, "random_prompt", task, seed, lambda: evaluate_prompt(config, params, random_PxH, data[task]),
                    norm=float(np.linalg.norm(random_PxH)))
     word_ids = word_ids_for(models[settings.models[0]][0].vocab_size, settings.num_words, settings.word_offset)
     (train.out_dir / "recycled").mkdir(parents=True, exist_ok=True)
     for source, target in itertools.permutations(settings.models, 2):
-        (_, source_params), (config, params) = models[source], models[target]
+        (source_config, source_params), (config, params) = models[source], models[target]
         for recycler in settings.recyclers:
-            started = time.time()  # the first prompt's time includes fitting the recycler
-            fitted = fit_recycler(recycler, source_params["token_embedder"]["embedding"],
-                                  params["token_embedder"]["embedding"], word_ids)
-            for task, seed in itertools.product(train.tasks, train.seeds):
-                recycled_PxH = fitted(prompts[source, task, seed])
+            fitted = functools.cache(lambda: fit_recycler(recycler, embedding_of(source_config, source_params),
+                                                          embedding_of(config, params), word_ids))
+
+            def recycle_and_score(task, seed):
+                "Recycle the source's prompt (fitting the recycler on first use) and score it on the target."
+                recycled_PxH = fitted()(prompts[source, task, seed])
                 save_npy_prompt(train.out_dir / "recycled" / f"{source}-to-{target}-{task}-{recycler}-seed{seed}.npy",
                                 recycled_PxH)
-                record(target, recycler, task, seed, evaluate_prompt(config, params, recycled_PxH, data[task]), started,
-                       source=source, num_words=settings.num_words, word_offset=settings.word_offset)
-                started = time.time()
+                return evaluate_prompt(config, params, recycled_PxH, data[task])
+            for task, seed in itertools.product(train.tasks, train.seeds):
+                record(target, recycler, task, seed, lambda: recycle_and_score(task, seed), source=source,
+                       num_words=settings.num_words, word_offset=settings.word_offset)
     return rows

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['batched', 'score_candidates', 'class_macro_f1', 'binary_auc', 'classification_metrics', 'decode', 'until_eos',
-           'exact_match', 'classification_evaluator', 'decoding_evaluator', 'loss_evaluator', 'prepend_tokens',
-           'predict', 'write_jsonl', 'infer']
+           'exact_match', 'label_candidates', 'classification_evaluator', 'decoding_evaluator', 'loss_evaluator',
+           'prepend_tokens', 'predict', 'write_jsonl', 'infer']
 
 # %% ../../nbs/20b_evaluation.ipynb #88d77e61
 import functools
@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import scipy.stats
 
-from .. import t5
+from ..family import family_of
 from ..formats.atomic import atomic_write_text
-from .step import LossConfig, loss_fn, model_batch
+from .step import LossConfig, loss_fn
 
 # %% ../../nbs/20b_evaluation.ipynb #0ae38376
 def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` rows
@@ -44,26 +44,24 @@ def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` r
 
 # %% ../../nbs/20b_evaluation.ipynb #28ff40ef
 @functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
-def _score(config, params, inputs, candidates, placement=None):
-    kwargs = {} if placement is None else {"placement": placement}
-    return t5.score_targets(config, params, inputs, candidates, **kwargs)
+def _score(family, params, inputs, candidates, placement=None):
+    return family.score(params, inputs, candidates, placement=placement)
 
 
-def score_candidates(config: t5.T5Config,  # an encoder-decoder model
+def score_candidates(config,  # the model
                      params: dict,  # its parameters (with the prompt, if any)
-                     inputs_NxT: np.ndarray,  # encoder input tokens
+                     inputs_NxT: np.ndarray,  # input tokens
                      candidates: np.ndarray,  # `[C, L]` shared by all inputs, or `[N, C, L]`
                      *,
                      batch_size: int,  # inputs per call
                      placement: Optional[Callable] = None,  # where the prompt goes; None for the default
                      ) -> np.ndarray:
     "Log-likelihood `[N, C]` of each candidate given each input."
-    if config.decoder_only:
-        raise ValueError("rank classification needs an encoder-decoder model; decoder-only scoring is not implemented")
+    family = family_of(config)
     inputs_NxT, candidates = np.asarray(inputs_NxT, np.int32), np.asarray(candidates, np.int32)
     if candidates.ndim == 2:
-        return batched(lambda x: _score(config, params, x, candidates, placement=placement), [inputs_NxT], batch_size)
-    return batched(lambda x, c: _score(config, params, x, c, placement=placement), [inputs_NxT, candidates], batch_size)
+        return batched(lambda x: _score(family, params, x, candidates, placement=placement), [inputs_NxT], batch_size)
+    return batched(lambda x, c: _score(family, params, x, c, placement=placement), [inputs_NxT, candidates], batch_size)
 
 # %% ../../nbs/20b_evaluation.ipynb #86d414c0
 def class_macro_f1(predictions_N: np.ndarray,  # predicted class ids
@@ -103,36 +101,40 @@ def classification_metrics(scores_NxC: np.ndarray,  # a score per class (e.g. lo
     return metrics
 
 # %% ../../nbs/20b_evaluation.ipynb #951f1e44
-@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames="placement")
-def _decode(config, params, inputs, max_decode_length, placement=None):
-    kwargs = {} if placement is None else {"placement": placement}
-    return t5.greedy_decode(config, params, inputs, max_decode_length, **kwargs)
+@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("placement", "method", "options"))
+def _generate(family, params, inputs, max_decode_length, placement=None, method="greedy", options=()):
+    return family.generate(params, inputs, max_decode_length, placement=placement, method=method, **dict(options))
 
 
-def decode(config: t5.T5Config,  # an encoder-decoder model
+def decode(config,  # the model
            params: dict,  # its parameters
-           inputs_NxT: np.ndarray,  # encoder input tokens
+           inputs_NxT: np.ndarray,  # input tokens
            *,
            max_decode_length: int,  # L, tokens generated per input
            batch_size: int,  # inputs per call
            placement: Optional[Callable] = None,  # where the prompt goes; None for the default
+           method: str = "greedy",  # `decoding.DECODING_METHODS`
+           **options,  # `decoding.run_decoding`'s: beam_size, alpha, top_p, temperature
            ) -> np.ndarray:
-    "Greedy continuations `[N, L]` (EOS included, zeros after)."
-    if config.decoder_only:
-        raise ValueError("greedy decoding here needs an encoder-decoder model")
-    return batched(lambda x: _decode(config, params, x, max_decode_length, placement=placement),
+    "Continuations `[N, L]` (EOS included, padding after); nucleus sampling draws with the key of seed 0."
+    family = family_of(config)
+    if method == "nucleus":
+        options = {"rng": jax.random.key(0), **options}
+    return batched(lambda x: _generate(family, params, x, max_decode_length, placement=placement, method=method,
+                                       options=tuple(sorted(options.items(), key=lambda kv: kv[0]))),
                    [np.asarray(inputs_NxT, np.int32)], batch_size)
 
 
 def until_eos(tokens: np.ndarray,  # one sequence of token ids
               eos_id: int = 1,  # end of sequence
+              pad_id: Optional[int] = 0,  # padding to drop (None: keep every token)
               ) -> tuple:
-    "The tokens before the first EOS, padding (0) removed."
+    "The tokens before the first EOS, padding removed."
     out = []
     for t in np.asarray(tokens).tolist():
         if t == eos_id:
             break
-        if t != 0:
+        if t != pad_id:
             out.append(t)
     return tuple(out)
 
@@ -140,12 +142,28 @@ def until_eos(tokens: np.ndarray,  # one sequence of token ids
 def exact_match(predicted_NxL: np.ndarray,  # decoded tokens
                 targets_NxL: np.ndarray,  # target tokens
                 eos_id: int = 1,  # end of sequence
+                pad_id: Optional[int] = 0,  # padding
                 ) -> float:
     "Fraction of predictions equal to their target up to EOS."
-    return float(np.mean([until_eos(p, eos_id) == until_eos(t, eos_id) for p, t in zip(predicted_NxL, targets_NxL)]))
+    return float(np.mean([until_eos(p, eos_id, pad_id) == until_eos(t, eos_id, pad_id)
+                          for p, t in zip(predicted_NxL, targets_NxL)]))
+
+# %% ../../nbs/20b_evaluation.ipynb #lc000002
+def label_candidates(words: Sequence[str],  # the label words, in class-id order
+                     vocab,  # the task's `seqio.Vocabulary`
+                     length: Optional[int] = None,  # the targets length L; None: the longest word's
+                     ) -> np.ndarray:
+    "`[C, L]` token ids of each label word then EOS, padded: the targets rank classification scores."
+    encoded = [[int(i) for i in vocab.encode(word)] + [vocab.eos_id] for word in words]
+    length = length or max(map(len, encoded))
+    for word, ids in zip(words, encoded):
+        if len(ids) > length:
+            raise ValueError(f"label word {word!r} is {len(ids) - 1} tokens + EOS, longer than the targets length "
+                             f"{length}; raise the targets length (TASK_FEATURE_LENGTHS['targets'] in gin)")
+    return np.asarray([ids + [vocab.pad_id] * (length - len(ids)) for ids in encoded], np.int32)
 
 # %% ../../nbs/20b_evaluation.ipynb #d2f78bab
-def classification_evaluator(config: t5.T5Config,  # an encoder-decoder model
+def classification_evaluator(config,  # the model
                              inputs_NxT: np.ndarray,  # validation inputs
                              labels_N: np.ndarray,  # their class ids
                              candidates: np.ndarray,  # `[C, L]` label word tokens with EOS (or `[N, C, L]`)
@@ -160,7 +178,7 @@ def classification_evaluator(config: t5.T5Config,  # an encoder-decoder model
     return evaluate
 
 
-def decoding_evaluator(config: t5.T5Config,  # an encoder-decoder model
+def decoding_evaluator(config,  # the model
                        inputs_NxT: np.ndarray,  # validation inputs
                        targets_NxL: np.ndarray,  # their targets (EOS terminated)
                        *,
@@ -172,17 +190,18 @@ def decoding_evaluator(config: t5.T5Config,  # an encoder-decoder model
     def evaluate(params):
         predicted = decode(config, params, inputs_NxT, max_decode_length=max_decode_length, batch_size=batch_size,
                            placement=placement)
-        return {"exact_match": exact_match(predicted, targets_NxL)}
+        ids = family_of(config).special_ids
+        return {"exact_match": exact_match(predicted, targets_NxL, ids.eos, ids.pad)}
     return evaluate
 
 
-def loss_evaluator(config: t5.T5Config,  # the model
+def loss_evaluator(config,  # the model
                    batches: Sequence[dict],  # validation batches (T5X feature names), all the same shape
                    *,
                    placement: Optional[Callable] = None,  # prompt placement; None for the default
                    ) -> Callable:
     "`evaluate(params) -> {cross_entropy, token_accuracy}`: means over all weighted target tokens."
-    prepared = [model_batch(b, config) for b in batches]
+    prepared = [family_of(config).model_batch(b) for b in batches]
     if not prepared:
         raise ValueError("loss_evaluator needs at least one batch")
 
@@ -208,7 +227,7 @@ def prepend_tokens(inputs_NxT: np.ndarray,  # encoder input tokens, padded with 
     return np.concatenate([np.broadcast_to(prompt_ids, (len(inputs_NxT), len(prompt_ids))), inputs_NxT], axis=1)
 
 # %% ../../nbs/20b_evaluation.ipynb #f7ab1f7c
-def predict(config: t5.T5Config,  # an encoder-decoder model
+def predict(config,  # the model
             params: dict,  # its parameters (with the prompt, if any)
             inputs_NxT: np.ndarray,  # encoder input tokens
             *,
@@ -231,8 +250,9 @@ def predict(config: t5.T5Config,  # an encoder-decoder model
         raise ValueError("predict needs candidates (rank classification) or max_decode_length (greedy decoding)")
     decoded = decode(config, params, inputs_NxT, max_decode_length=max_decode_length, batch_size=batch_size,
                      placement=placement)
-    return [{"index": i, "prediction": detokenize(list(until_eos(d))) if detokenize else list(until_eos(d))}
-            for i, d in enumerate(decoded)]
+    ids = family_of(config).special_ids
+    kept = [list(until_eos(d, ids.eos, ids.pad)) for d in decoded]
+    return [{"index": i, "prediction": detokenize(tokens) if detokenize else tokens} for i, tokens in enumerate(kept)]
 
 
 def write_jsonl(path: str | os.PathLike,  # the file to write
@@ -242,7 +262,7 @@ def write_jsonl(path: str | os.PathLike,  # the file to write
     return atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
-def infer(config: t5.T5Config,  # an encoder-decoder model
+def infer(config,  # the model
           params: dict,  # its parameters (with the prompt, if any)
           inputs_NxT: np.ndarray,  # unlabelled encoder input tokens
           out_path: str | os.PathLike,  # the JSON-lines file to write
