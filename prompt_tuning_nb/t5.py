@@ -328,7 +328,7 @@ def prefix_lm_score(config: T5Config,  # a `decoder_only=True` model (static und
                                   candidates_BxCxL.reshape(batch * num_candidates, -1))
     return _prefix_lm_log_likelihood(config, params, features, placement).reshape(batch, num_candidates)
 
-
+# %% ../nbs/01a_t5.ipynb #pl9e4a01
 def prefix_lm_generate(config: T5Config,  # a `decoder_only=True` model (static under `jit`)
                        params: dict,  # the parameter tree (with the prompt, if any)
                        inputs_BxT: jax.Array,  # inputs, EOS-terminated and 0-padded

@@ -2,6 +2,7 @@
 evaluators and train step as the encoder-decoder, checked against its forward pass; `load_model` on a random
 preset, a zoo model, the original's T5X checkpoint and a Hugging Face folder written by transformers; and the
 rule that no module outside the T5 family branches on `decoder_only`."""
+import json
 import subprocess
 from pathlib import Path
 
@@ -129,3 +130,20 @@ def test_only_the_t5_family_modules_branch_on_decoder_only():
                            capture_output=True, text=True).stdout.split()
     assert sorted(found) == ["prompt_tuning_nb/_modidx.py", "prompt_tuning_nb/t5.py", "prompt_tuning_nb/t5_layers.py",
                              "prompt_tuning_nb/t5_shapes.py"]
+
+
+def test_load_model_on_the_packaged_smollm2_and_its_peft_adapter(tmp_path):
+    from prompt_tuning_nb import llama
+    from prompt_tuning_nb.formats.prompt_files import load_peft_prompt, save_peft_prompt
+    model = prompt_tuning_nb.load_model("smollm2_135m")
+    assert model.family.name == "llama" and family.prompt_variable_name(model.config) == "decoder.prompt.prompt.prompt"
+    ids = model.vocabulary.encode("The capital of France is")
+    assert ids == model.vocabulary.encode("The capital of France is") and len(ids) == 5
+    logits = model.logits(np.array([ids]))
+    assert logits.shape == (1, 5, 49152)
+    np.testing.assert_allclose(logits, llama.forward(model.config, model.params, np.array([ids])), rtol=1e-6)
+    prompt = np.random.default_rng(0).normal(size=(4, 576)).astype(np.float32)
+    adapter = save_peft_prompt(tmp_path / "adapter", prompt, config=model.config)
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    assert (written["task_type"], written["num_layers"], written["token_dim"]) == ("CAUSAL_LM", 30, 576)
+    np.testing.assert_array_equal(load_peft_prompt(adapter), prompt)

@@ -40,6 +40,12 @@ def _check_split(task: seqio.Task, split: str) -> None:
 ARRAYS_VERSION = 1  # bump when preprocessing changes what a built-in task's arrays contain
 
 
+def _vocab_digest(vocab: seqio.Vocabulary) -> str:
+    "What identifies a vocabulary's ids: its SentencePiece model's sha256, or its repr (a GGUF BPE's names its file's)."
+    model = getattr(vocab, "sp_model", None)
+    return hashlib.sha256(model).hexdigest() if model is not None else repr(vocab)
+
+
 def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabulary, seed: int):
     "Where a built-in task's arrays are cached on disk; None for benchmark data (TFDS, maybe mocked) and users' tasks."
     if task_info(task_name).build is build_corpus_task:
@@ -49,7 +55,7 @@ def _disk_path(task_name: str, split: str, lengths: dict, vocab: seqio.Vocabular
     else:
         return None
     payload = json.dumps([ARRAYS_VERSION, task_name, data, split, lengths,
-                          hashlib.sha256(vocab.sp_model).hexdigest(), vocab.extra_ids])
+                          _vocab_digest(vocab), vocab.extra_ids])
     return cache_dir("arrays") / f"{task_name}.{split}.{hashlib.sha256(payload.encode()).hexdigest()[:20]}.npz"
 
 # %% ../../nbs/15f_batches.ipynb #96c9fd0d

@@ -162,7 +162,7 @@ def default_vocabulary() -> TrainedVocabulary:
 def get_vocabulary(vocab: Union[None, str, Path, seqio.Vocabulary] = None,  # None: the default vocabulary
                    extra_ids: int = T5_EXTRA_IDS,  # extra ids for a `.model` path
                    ) -> seqio.Vocabulary:
-    "A seqio vocabulary with T5's special ids: the default one, one from a `.model` file, or `vocab` itself."
+    "A seqio vocabulary: the default one, a SentencePiece one (T5's special ids checked), or another one (a GGUF's BPE) as is."
     if vocab is None:
         return default_vocabulary()
     if isinstance(vocab, seqio.SentencePieceVocabulary):
@@ -170,7 +170,7 @@ def get_vocabulary(vocab: Union[None, str, Path, seqio.Vocabulary] = None,  # No
             check_t5_special_ids(vocab.sentencepiece_model_file)
         return vocab
     if isinstance(vocab, seqio.Vocabulary):
-        raise ValueError(f"expected a SentencePiece vocabulary, got {type(vocab).__name__}")
+        return vocab
     path = Path(vocab).expanduser()
     if not path.is_file():
         raise ValueError(f"vocabulary file {path} does not exist")

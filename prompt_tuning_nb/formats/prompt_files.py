@@ -90,7 +90,7 @@ def save_peft_prompt(folder: str | os.PathLike,  # the adapter folder to write (
                "num_virtual_tokens": int(prompt.shape[0]), "token_dim": int(prompt.shape[1]),
                "num_transformer_submodules": 1,
                "num_attention_heads": config.num_heads if config else None,
-               "num_layers": config.num_decoder_layers if config else None,
+               "num_layers": (config.num_layers if hasattr(config, "num_layers") else config.num_decoder_layers) if config else None,
                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
                "tokenizer_kwargs": None, "base_model_name_or_path": base_model_name_or_path, "revision": None,
                "inference_mode": True, "auto_mapping": None, "modules_to_save": None}

@@ -10,14 +10,13 @@ import argparse
 import logging
 import math
 import os
-import re
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from ..formats.prompt_files import load_prompt, save_npy_prompt
-from ..formats.t5x import load_t5x_variable
+from ..formats.t5x import load_t5x_variable, t5x_checkpoint_folder
 from ..formats.tree import CheckpointError
 from .recyclers import (RECYCLER_ALIASES, RECYCLERS, RecyclingError, as_table,
                                                   check_prompt_width, check_shared_vocabulary, fit_recycler,
@@ -28,15 +27,6 @@ _log = logging.getLogger(__name__)
 
 # %% ../../nbs/40c_run_recycle.ipynb #cb1b902d
 EMBEDDING_VARIABLE = "token_embedder/embedding"
-
-
-def _t5x_step_folder(path: Path):
-    "The T5X checkpoint folder meant by `path` (itself, or its highest `checkpoint_N`), or None."
-    if (path / "checkpoint").is_file():
-        return path
-    steps = [(int(m.group(1)), p) for p in path.glob("checkpoint_*")
-             if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)) and (p / "checkpoint").is_file()]
-    return max(steps)[1] if steps else None
 
 
 def _orbax_item_folder(path: Path):
@@ -110,7 +100,7 @@ def load_embeddings(path: str | os.PathLike,  # .npy table, T5X checkpoint (or M
                                       "[V, H] or a checkpoint folder") from None
         elif not path.is_dir():
             raise CheckpointError(f"{path}: no such file or folder; expected a model checkpoint or an .npy table")
-        elif (t5x := _t5x_step_folder(path)) is not None:
+        elif (t5x := t5x_checkpoint_folder(path)) is not None:
             table = load_t5x_variable(t5x, variable_path)
         elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             table = _hf_embedding(path)
