@@ -20,7 +20,7 @@ from safetensors import safe_open
 from .formats.atomic import atomic_folder
 from .formats.gguf import GGUFModel, llama_dims, read_gguf
 from .formats.tree import (CheckpointError, CheckpointNotFoundError, first_line_of, flatten_params,
-                                           unflatten_params)
+                                           read_config_json, unflatten_params)
 from .llama import LlamaConfig, param_shapes
 
 # %% ../nbs/03c_llama_checkpoints.ipynb #8be50e7d
@@ -132,14 +132,7 @@ def _hf_special_ids(hf: dict) -> dict:
 
 def _hf_llama_config(path: Path) -> LlamaConfig:
     "The `LlamaConfig` of a Hugging Face `config.json`, or a one-line `CheckpointError` naming it."
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no such file; expected the Hugging Face config of a Llama model")
-    try:
-        hf = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not JSON ({first_line_of(e)}); expected a Hugging Face Llama config") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: holds a {type(hf).__name__}, expected a JSON object (a Hugging Face config)")
+    hf = read_config_json(path, "the Hugging Face config of a Llama model")
     model_type = hf.get("model_type")
     if model_type != "llama":
         reason = f" ({_REFUSED_MODEL_TYPES[model_type]})" if model_type in _REFUSED_MODEL_TYPES else ""

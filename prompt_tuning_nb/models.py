@@ -8,7 +8,6 @@ __all__ = ['PACKAGED_MODELS', 'read_checkpoint', 'LoadedModel', 'load_model']
 # %% ../nbs/27_models.ipynb #4641956e
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -24,19 +23,11 @@ from .data.sources import source_path
 from .family import family_of, with_prompt
 from .formats.hf import load_hf_t5
 from .formats.t5x import load_t5x_checkpoint, t5x_checkpoint_folder
-from .formats.tree import CheckpointError
+from .formats.tree import CheckpointError, read_config_json
 from .llama_checkpoints import load_llama_checkpoint
 from .zoo import ZOO_RECIPES, PretrainingRecipe, pretrained_model
 
 # %% ../nbs/27_models.ipynb #17ccadd0
-def _hf_model_type(folder: Path) -> str:
-    "The `model_type` of a Hugging Face folder's config.json (`t5` when it cannot be read: its reader says why)."
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type", "t5")
-    except (ValueError, AttributeError):
-        return "t5"
-
-
 def read_checkpoint(path: str | os.PathLike,  # T5X folder (or `gs://...`), a MODEL_DIR of them, a Hugging Face folder, a `.gguf` file
                     *,
                     dtype: str = "float32",  # dtype of the returned arrays (T5), or activation dtype (Llama)
@@ -51,9 +42,10 @@ def read_checkpoint(path: str | os.PathLike,  # T5X folder (or `gs://...`), a MO
     folder = t5x_checkpoint_folder(local) if local.is_dir() else None
     if folder is not None:
         return (*load_t5x_checkpoint(folder, dtype=dtype), str(folder))
-    if (local / "config.json").is_file() and _hf_model_type(local) != "t5":
+    hf_config = local / "config.json"
+    if hf_config.is_file() and read_config_json(hf_config, "a Hugging Face config").get("model_type") != "t5":
         return (*load_llama_checkpoint(local, dtype=dtype), str(local))
-    if (local / "config.json").is_file() and (local / "model.safetensors").is_file():
+    if hf_config.is_file() and (local / "model.safetensors").is_file():
         return (*load_hf_t5(local, dtype=dtype), str(local))
     raise CheckpointError(f"{local}: not a T5X checkpoint folder (no `checkpoint` file or checkpoint_N folders), a "
                           "Hugging Face folder (config.json + *.safetensors) nor a .gguf file; expected one of those")

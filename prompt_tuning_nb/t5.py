@@ -74,7 +74,8 @@ def _t5_checkpoint(family, path):
     return load_t5x_checkpoint(path, family.config)[1]
 
 
-def _save_t5(params, path):
+def _save_t5(family, path, params):
+    "Write `params` as a T5X checkpoint folder at `path`."
     from prompt_tuning_nb.formats.t5x import save_t5x_checkpoint  # as above: the format imports the model
 
     return save_t5x_checkpoint(path, params)
@@ -117,9 +118,7 @@ class T5EncoderDecoder:
                         **options)
 
     load_checkpoint = _t5_checkpoint
-
-    def save_checkpoint(self, path, params):
-        return _save_t5(params, path)
+    save_checkpoint = _save_t5
 
 # %% ../nbs/01a_t5.ipynb #5dc9ae8f
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +163,7 @@ class T5PrefixLM:
                                   method=method, **options)
 
     load_checkpoint = _t5_checkpoint
-
-    def save_checkpoint(self, path, params):
-        return _save_t5(params, path)
+    save_checkpoint = _save_t5
 
 
 register_family(T5Config, lambda config: T5PrefixLM(config) if config.decoder_only else T5EncoderDecoder(config))

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .atomic import atomic_folder
 from .tree import (CheckpointError, CheckpointNotFoundError, first_line_of, flatten_params,
-                                           unflatten_params)
+                                           read_config_json, unflatten_params)
 from ..family import family_of
 from ..t5 import T5Config
 from ..t5_shapes import check_config, config_from_params
@@ -65,12 +65,7 @@ def _hf_config(folder: Path) -> tuple:
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: no such folder; expected a Hugging Face T5 folder with "
                                       "config.json and model.safetensors")
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no such file; expected the Hugging Face config of a T5 v1.1 model")
-    try:
-        hf = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not JSON ({first_line_of(e)}); expected a Hugging Face T5 config") from None
+    hf = read_config_json(path, "the Hugging Face config of a T5 v1.1 model")
     if hf.get("model_type") != "t5":
         raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}; expected 't5'")
     if hf.get("feed_forward_proj", "relu") != "gated-gelu":

@@ -121,7 +121,7 @@ def decode(config,  # the model
     if method == "nucleus":
         options = {"rng": jax.random.key(0), **options}
     return batched(lambda x: _generate(family, params, x, max_decode_length, placement=placement, method=method,
-                                       options=tuple(sorted(options.items(), key=lambda kv: kv[0]))),
+                                       options=tuple(sorted(options.items()))),
                    [np.asarray(inputs_NxT, np.int32)], batch_size)
 
 
