@@ -42,7 +42,7 @@ export-check:
 	  git status --porcelain -- prompt_tuning_nb; exit 1; fi
 
 nbtest:
-	$(BIN)/nbdev_test --n_workers 1 --do_print --flags slow
+	$(BIN)/nbdev_test --n_workers 2 --do_print --flags slow
 
 pytest:
 	$(BIN)/python -m pytest -q tests

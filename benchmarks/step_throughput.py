@@ -1,14 +1,20 @@
 """Train-step throughput: this project's prompt and model tuning against Hugging Face PEFT's prompt tuning and torch fine-tuning.
 
-Run from a checkout: `.venv/bin/python benchmarks/step_throughput.py [--steps 10] [--warmup 3]`.
+Run from a checkout: `.venv/bin/python benchmarks/step_throughput.py [--model t5] [--steps 10] [--warmup 3]`.
 
-One T5 1.1 (d_model 256, 4+4 layers, 4 heads of 64, gated-GELU MLP 1024, vocabulary 8000, untied output
+`--model t5` (the default): one T5 1.1 (d_model 256, 4+4 layers, 4 heads of 64, gated-GELU MLP 1024, vocabulary 8000, untied output
 layer, dropout 0.1), batch 32, inputs of 128 tokens (no padding), targets of 8, a 20-token prompt. Each
 measurement runs in a fresh interpreter, so its peak RSS is its own and no other framework's thread pool
 is alive. Optimizers follow the paper on both sides: Adafactor for the prompt (constant rate 0.3, decay
 rate 0.8, weight decay 1e-5, no parameter scaling) and T5X's default Adafactor (rate 1e-3, parameter
 scaling) for model tuning; torch uses `transformers.optimization.Adafactor` with the same settings (it
 factors the prompt's second moment, which costs nothing measurable at this size).
+
+`--model smollm2_135m`: the packaged SmolLM2-135M Instruct (30 layers, d_model 576, 9 query and 3 key-value
+heads, SwiGLU 1536, vocabulary 49,152, tied embedding), read from its GGUF file by both sides (ours with
+`load_model`, torch with transformers' `from_pretrained(gguf_file=)`), in float32, no dropout (the model
+has none); batch 16 of 64 random tokens, the loss on every next token (PEFT's `labels = input_ids`), a
+20-token prompt in front. The same optimizers as for T5.
 
 Model FLOPs are counted analytically (every matmul, 2 FLOPs per multiply-add): a forward pass, the
 backward pass to the activations, and, when weights train, the weight gradients. Attention-score matmuls
@@ -32,13 +38,15 @@ MODEL = dict(vocab_size=8000, d_model=256, num_heads=4, head_dim=64, num_encoder
              mlp_dim=1024)
 BATCH, INPUT_LENGTH, TARGET_LENGTH, PROMPT_LENGTH = 32, 128, 8, 20
 DROPOUT = 0.1
+LLAMA_BATCH, LLAMA_LENGTH = 16, 64  # SmolLM2: rows, tokens per row (the prompt comes on top)
+MODELS = ("t5", "smollm2_135m")
 RUNS = {  # name: what runs
     "matmul": "jitted jnp.matmul, float32, square sizes",
     "ours prompt": "this project, prompt tuning (jitted step)",
     "ours model": "this project, model tuning (jitted step)",
     "peft prompt eager": "Hugging Face PEFT prompt tuning, torch eager",
     "peft prompt compiled": "Hugging Face PEFT prompt tuning, torch.compile",
-    "torch model eager": "Hugging Face T5 full fine-tuning, torch eager",
+    "torch model eager": "Hugging Face full fine-tuning, torch eager",
 }
 
 
@@ -61,6 +69,31 @@ def model_flops(prompt_length: int, trains_weights: bool) -> float:
     score_macs = MODEL["num_encoder_layers"] * s * 2 * s * inner + MODEL["num_decoder_layers"] * t * 2 * (t + s) * inner
     passes = 3 if trains_weights else 2
     return 2.0 * BATCH * (weight_macs * passes + score_macs * 3)
+
+
+def llama_config_and_params():
+    "SmolLM2's config and float32 parameters, read from the packaged GGUF file."
+    from prompt_tuning_nb import load_model
+
+    model = load_model("smollm2_135m")
+    return model.config, model.params
+
+
+def llama_batch(vocab_size: int, seed: int = 0) -> np.ndarray:
+    "Random tokens `[16, 65]` (no padding): 64 positions to run, and the next token of the last one."
+    return np.random.default_rng(seed).integers(3, vocab_size, (LLAMA_BATCH, LLAMA_LENGTH + 1)).astype(np.int32)
+
+
+def llama_flops(config, prompt_length: int, trains_weights: bool) -> float:
+    "Matmul FLOPs of one SmolLM2 train step: the layers over prompt and tokens, the output layer over the tokens."
+    s = LLAMA_LENGTH + prompt_length
+    inner, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    weight_macs = (s * config.num_layers * (2 * config.d_model * inner + 2 * config.d_model * kv
+                                            + 3 * config.d_model * config.mlp_dim)
+                   + LLAMA_LENGTH * config.d_model * config.vocab_size)
+    score_macs = config.num_layers * s * 2 * s * inner  # causal attention counted in full
+    passes = 3 if trains_weights else 2
+    return 2.0 * LLAMA_BATCH * (weight_macs * passes + score_macs * 3)
 
 
 def time_steps(step, steps: int, warmup: int) -> dict:
@@ -99,20 +132,34 @@ def matmul_rate() -> dict:
     return {"flops_per_second": max(rates.values()), "by_size": rates}
 
 
-def run_ours(prompt_tuning: bool, steps: int, warmup: int) -> dict:
+def ours_model_and_batch(model: str, prompt_length: int) -> tuple:
+    "`(config, params, batch)` of this project's side: T5 from a seed, or SmolLM2 from its GGUF file."
     import jax
 
-    from prompt_tuning_nb import t5
+    from prompt_tuning_nb import family, t5
+
+    if model == "t5":
+        config = t5.T5Config(**MODEL, dropout_rate=DROPOUT)
+        return config, t5.init_params(config, jax.random.key(0), prompt_length=prompt_length), synthetic_batch()
+    config, params = llama_config_and_params()
+    if prompt_length:
+        rows = np.random.default_rng(1).integers(3, 5003, prompt_length)  # a sampled-vocab prompt
+        params = family.with_prompt(config, params, np.asarray(family.embedding_of(config, params))[rows])
+    tokens = llama_batch(config.vocab_size)
+    return config, params, {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+                            "decoder_loss_weights": np.ones(tokens[:, 1:].shape, np.float32)}  # [16, 64] each
+
+
+def run_ours(model: str, prompt_tuning: bool, steps: int, warmup: int) -> dict:
+    import jax
+
     from prompt_tuning_nb.formats.tree import flatten_params, unflatten_params
     from prompt_tuning_nb.training.optim import model_tuning_rules, prompt_tuning_rules, trainable_paths
     from prompt_tuning_nb.family import family_of
     from prompt_tuning_nb.training.step import LossConfig, init_train_state, loss_fn, make_train_step
 
-    config = t5.T5Config(**MODEL, dropout_rate=DROPOUT)
-    prompt_length = PROMPT_LENGTH if prompt_tuning else 0
-    params = t5.init_params(config, jax.random.key(0), prompt_length=prompt_length)
+    config, params, batch = ours_model_and_batch(model, PROMPT_LENGTH if prompt_tuning else 0)
     rules = prompt_tuning_rules() if prompt_tuning else model_tuning_rules()
-    batch = synthetic_batch()
     step = make_train_step(config, rules, LossConfig())
     state = init_train_state(params, rules, seed=0)
     losses = []
@@ -140,25 +187,45 @@ def run_ours(prompt_tuning: bool, steps: int, warmup: int) -> dict:
             "last_loss": losses[-1], "versions": f"jax {jax.__version__}"}
 
 
-def run_torch(prompt_tuning: bool, compiled: bool, steps: int, warmup: int) -> dict:
+def torch_model_and_batch(model: str) -> tuple:
+    "`(model, peft task type, inputs)` of the torch side: a random T5, or SmolLM2 read by transformers from its GGUF file."
     import torch
     import transformers
-    from transformers.optimization import Adafactor
 
     torch.manual_seed(0)
+    if model == "smollm2_135m":
+        from prompt_tuning_nb.data.sources import source_path
+
+        path = source_path("smollm2_135m_instruct")
+        llama = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  torch_dtype=torch.float32)
+        tokens = torch.from_numpy(llama_batch(llama.config.vocab_size)[:, :-1].astype(np.int64))  # [16, 64]
+        return llama, "CAUSAL_LM", {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
     config = transformers.T5Config(
         vocab_size=MODEL["vocab_size"], d_model=MODEL["d_model"], d_kv=MODEL["head_dim"], d_ff=MODEL["mlp_dim"],
         num_layers=MODEL["num_encoder_layers"], num_decoder_layers=MODEL["num_decoder_layers"],
         num_heads=MODEL["num_heads"], relative_attention_num_buckets=32, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=DROPOUT, decoder_start_token_id=0,
         pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(config)
+    t5 = transformers.T5ForConditionalGeneration(config)
     # transformers 5 ties T5's lm_head to the input embedding whatever the config says: untie it by hand
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * MODEL["d_model"] ** -0.5)
-    assert model.lm_head.weight is not model.shared.weight
+    t5.lm_head.weight = torch.nn.Parameter(torch.randn_like(t5.lm_head.weight) * MODEL["d_model"] ** -0.5)
+    assert t5.lm_head.weight is not t5.shared.weight
+    batch = synthetic_batch()
+    input_ids = torch.from_numpy(batch["encoder_input_tokens"].astype(np.int64))
+    return t5, "SEQ_2_SEQ_LM", {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                                "labels": torch.from_numpy(batch["decoder_target_tokens"].astype(np.int64))}
+
+
+def run_torch(model_name: str, prompt_tuning: bool, compiled: bool, steps: int, warmup: int) -> dict:
+    import torch
+    import transformers
+    from transformers.optimization import Adafactor
+
+    model, task_type, inputs = torch_model_and_batch(model_name)
     if prompt_tuning:
         import peft
-        model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+        model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type=task_type,
                                                                    num_virtual_tokens=PROMPT_LENGTH))
         optimizer = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
                               scale_parameter=False, warmup_init=False, decay_rate=-0.8, weight_decay=1e-5,
@@ -168,14 +235,10 @@ def run_torch(prompt_tuning: bool, compiled: bool, steps: int, warmup: int) -> d
                               warmup_init=False, decay_rate=-0.8, clip_threshold=1.0)
     model.train()
     forward = torch.compile(model) if compiled else model
-    batch = synthetic_batch()
-    input_ids = torch.from_numpy(batch["encoder_input_tokens"].astype(np.int64))
-    labels = torch.from_numpy(batch["decoder_target_tokens"].astype(np.int64))
-    attention_mask = torch.ones_like(input_ids)
     losses = []
 
     def one_step():
-        loss = forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss = forward(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -188,31 +251,46 @@ def run_torch(prompt_tuning: bool, compiled: bool, steps: int, warmup: int) -> d
                         f"{transformers.__version__}, peft {peft.__version__}"}
 
 
-def worker(name: str, steps: int, warmup: int) -> dict:
+def worker(model: str, name: str, steps: int, warmup: int) -> dict:
     if name == "matmul":
         return matmul_rate()
     if name.startswith("ours"):
-        return run_ours(name == "ours prompt", steps, warmup)
-    return run_torch(name.startswith("peft prompt"), name.endswith("compiled"), steps, warmup)
+        return run_ours(model, name == "ours prompt", steps, warmup)
+    return run_torch(model, name.startswith("peft prompt"), name.endswith("compiled"), steps, warmup)
 
 
 def run_worker(name: str, args) -> dict:
     "`worker(name)` in a fresh interpreter."
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict, load_before, load_after):
+def describe(model: str) -> tuple:
+    "`(one line on the setting, rows per batch, flops(prompt_length, trains_weights))` of `model`."
+    if model == "t5":
+        return (f"T5 1.1 d_model {MODEL['d_model']}, {MODEL['num_encoder_layers']}+{MODEL['num_decoder_layers']} "
+                f"layers, {MODEL['num_heads']} heads of {MODEL['head_dim']}, MLP {MODEL['mlp_dim']}, vocab "
+                f"{MODEL['vocab_size']} (untied), dropout {DROPOUT}; batch {BATCH}, input {INPUT_LENGTH}, target "
+                f"{TARGET_LENGTH}, prompt {PROMPT_LENGTH} (prompt tuning only)"), BATCH, model_flops
+    from prompt_tuning_nb.llama_layers import LlamaConfig, PRESETS
+
+    config = LlamaConfig(**PRESETS["smollm2_135m"])
+    return (f"SmolLM2-135M Instruct from its GGUF file (float32): {config.num_layers} layers, d_model "
+            f"{config.d_model}, {config.num_heads} query / {config.num_kv_heads} key-value heads, SwiGLU "
+            f"{config.mlp_dim}, vocab {config.vocab_size} (tied), no dropout; batch {LLAMA_BATCH} of {LLAMA_LENGTH} "
+            f"tokens, loss on every next token, prompt {PROMPT_LENGTH} (prompt tuning only)"), LLAMA_BATCH, \
+        lambda prompt_length, trains_weights: llama_flops(config, prompt_length, trains_weights)
+
+
+def report(model: str, results: dict, load_before, load_after):
     rate = results["matmul"]["flops_per_second"]
-    print(f"\nT5 1.1 d_model {MODEL['d_model']}, {MODEL['num_encoder_layers']}+{MODEL['num_decoder_layers']} layers, "
-          f"{MODEL['num_heads']} heads of {MODEL['head_dim']}, MLP {MODEL['mlp_dim']}, vocab {MODEL['vocab_size']} "
-          f"(untied), dropout {DROPOUT}; batch {BATCH}, input {INPUT_LENGTH}, target {TARGET_LENGTH}, "
-          f"prompt {PROMPT_LENGTH} (prompt tuning only)")
+    setting, rows, flops_of = describe(model)
+    print("\n" + setting)
     print(f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; load average before "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load_after)}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -232,13 +310,13 @@ def report(results: dict, load_before, load_after):
         if name == "matmul" or name not in results:
             continue
         r = results[name]
-        flops = model_flops(PROMPT_LENGTH if "prompt" in name else 0, trains_weights="model" in name)
+        flops = flops_of(PROMPT_LENGTH if "prompt" in name else 0, "model" in name)
         vs_eager = vs_compiled = ""
         if name in baseline and baseline[name] in results:
             vs_eager = f"{results[baseline[name]]['seconds'] / r['seconds']:.2f}x"
         if name == "ours prompt" and "peft prompt compiled" in results:
             vs_compiled = f"{results['peft prompt compiled']['seconds'] / r['seconds']:.2f}x"
-        print(f"{name:22s} {r['seconds']:7.3f} {BATCH / r['seconds']:6.1f} {r['peak_rss_mib']:6.0f} MiB "
+        print(f"{name:22s} {r['seconds']:7.3f} {rows / r['seconds']:6.1f} {r['peak_rss_mib']:6.0f} MiB "
               f"{r['cpu_per_wall']:8.2f} {flops / 1e9:6.1f} {flops / r['seconds'] / 1e9:7.1f} "
               f"{100 * flops / r['seconds'] / rate:6.1f}% {vs_eager:>13s} {vs_compiled:>16s} {r['warmup_seconds']:8.1f}")
     print("\ns/step: median wall seconds; CPU/wall: process CPU seconds per wall second (cores busy); GFLOP: "
@@ -247,15 +325,17 @@ def report(results: dict, load_before, load_after):
           "optax via training.optim recipes; torch: transformers.optimization.Adafactor, same settings).")
     for name in ("ours prompt", "ours model"):
         if name in results:
-            analytic = model_flops(PROMPT_LENGTH if "prompt" in name else 0, trains_weights="model" in name)
+            analytic = flops_of(PROMPT_LENGTH if "prompt" in name else 0, "model" in name)
             print(f"{name}: XLA counts {results[name]['xla_flops'] / 1e9:.1f} GFLOP for the forward and backward pass "
                   f"(analytic {analytic / 1e9:.1f}); loss {results[name]['first_loss']:.2f} -> "
                   f"{results[name]['last_loss']:.2f}")
     if "ours prompt" in results:
         ours = results["ours prompt"]["seconds"]
-        fraction = model_flops(PROMPT_LENGTH, False) / ours / rate
+        fraction = flops_of(PROMPT_LENGTH, False) / ours / rate
         checks = [("prompt tuning >= 2x PEFT eager", "peft prompt eager", 2.0),
                   ("prompt tuning >= 1.5x PEFT compiled", "peft prompt compiled", 1.5)]
+        if model == "smollm2_135m":
+            checks.insert(0, ("prompt tuning >= 1.5x PEFT eager (the Llama family's)", "peft prompt eager", 1.5))
         for label, other, target in checks:
             if other in results:
                 ratio = results[other]["seconds"] / ours
@@ -266,13 +346,15 @@ def report(results: dict, load_before, load_after):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="t5", help="t5 (a random T5 1.1) or smollm2_135m "
+                        "(the packaged GGUF)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.warmup)))
+        print(json.dumps(worker(args.model, args.worker, args.steps, args.warmup)))
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(RUNS))
@@ -286,7 +368,7 @@ def main():
         print(f"{name}: {RUNS[name]} ...", end=" ", flush=True)
         results[name] = run_worker(name, args)
         print(f"{time.perf_counter() - started:.0f} s", flush=True)
-    report(results, load_before, os.getloadavg())
+    report(args.model, results, load_before, os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from . import family, initializers, t5
-from .data import cache_dir, label_words, task_arrays, task_batches, task_examples, task_info
+from .data import (cache_dir, label_words, target_texts, task_arrays, task_batches, task_examples,
+                                   task_info, text_format_of)
 from .results import INITS, SCALE_METHODS, ResultsStore
 from .training.checkpointing import export_prompt
 from .training.evaluation import classification_evaluator, prepend_tokens, score_candidates
@@ -217,7 +218,7 @@ def load_task(name: str, vocab, settings: ScaleSettings) -> TaskData:
 def _prompt_initializer(init, config, params, vocab, words):
     table = np.asarray(family.embedding_of(config, params))
     if init == "class_label":
-        return initializers.from_embedded_list(table, vocab, list(words))
+        return initializers.from_embedded_list(table, vocab, list(target_texts(words, text_format_of(vocab))))
     if init == "sampled_vocab":
         return initializers.from_sample_of_embeddings(table, population_size=5000)
     return initializers.uniform(0.5)

@@ -55,6 +55,9 @@ class ModelFamily(Protocol):
     def load_checkpoint(self, path) -> dict:
         "The parameters stored at `path`, checked against the family's config."
 
+    def check_config(self, found, where: str):
+        "The family's config, after a one-line error naming `where` if `found` (a checkpoint's) disagrees on a shape."
+
     def save_checkpoint(self, path, params: dict):
         "Write `params` at `path` in the family's checkpoint format."
 

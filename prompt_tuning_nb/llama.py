@@ -46,6 +46,13 @@ def _checkpoint(family, path):
     return load_llama_checkpoint(path, family.config)[1]
 
 
+def _check(family, found, where):
+    "The family's config, checked against a checkpoint's on every field the shapes determine."
+    from prompt_tuning_nb.llama_checkpoints import check_llama_config  # as above
+
+    return check_llama_config(family.config, found, where)
+
+
 def _save(family, path, params):
     from prompt_tuning_nb.llama_checkpoints import save_hf_llama  # as above
 
@@ -86,6 +93,7 @@ class LlamaFamily:
                         placement=placement or prefix, method=method, **options)
 
     load_checkpoint = _checkpoint
+    check_config = _check
     save_checkpoint = _save
 
 
@@ -253,16 +261,16 @@ def causal_lm_batch(batch: dict,  # task features (`encoder_input_tokens`, `deco
 
 # %% ../nbs/03b_llama.ipynb #11b0f007
 def candidate_lengths(candidates_NxL, eos_id: int) -> jax.Array:
-    "Each candidate's tokens up to and including its first EOS (all of them without one)."
+    "Each candidate's tokens: up to and including its first EOS, or without one (a causal LM's label) up to seqio's 0 padding."
     candidates_NxL = jnp.asarray(candidates_NxL)
     is_eos = candidates_NxL == eos_id
-    return jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, candidates_NxL.shape[1])
+    return jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, seqio_lengths(candidates_NxL))
 
 
 def score_targets(config: LlamaConfig,  # the model (static under `jit`)
                   params: dict,  # the parameter tree (with the prompt, if any)
                   inputs_BxT: jax.Array,  # seqio inputs (EOS-terminated, 0-padded)
-                  candidate_tokens: jax.Array,  # `[C, L]` or `[B, C, L]`, each ending with EOS
+                  candidate_tokens: jax.Array,  # `[C, L]` or `[B, C, L]`, 0-padded (`candidate_lengths`)
                   *,
                   placement: Callable = prefix,  # where the prompt goes
                   ) -> jax.Array:

@@ -74,6 +74,13 @@ def _t5_checkpoint(family, path):
     return load_t5x_checkpoint(path, family.config)[1]
 
 
+def _check_t5(family, found, where):
+    "The family's config, checked against a checkpoint's on every field the shapes determine."
+    from prompt_tuning_nb.t5_shapes import check_config  # t5_shapes reads T5 configs through this module
+
+    return check_config(family.config, found, where)
+
+
 def _save_t5(family, path, params):
     "Write `params` as a T5X checkpoint folder at `path`."
     from prompt_tuning_nb.formats.t5x import save_t5x_checkpoint  # as above: the format imports the model
@@ -118,6 +125,7 @@ class T5EncoderDecoder:
                         **options)
 
     load_checkpoint = _t5_checkpoint
+    check_config = _check_t5
     save_checkpoint = _save_t5
 
 # %% ../nbs/01a_t5.ipynb #5dc9ae8f
@@ -163,6 +171,7 @@ class T5PrefixLM:
                                   method=method, **options)
 
     load_checkpoint = _t5_checkpoint
+    check_config = _check_t5
     save_checkpoint = _save_t5
 
 

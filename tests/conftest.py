@@ -56,6 +56,34 @@ def assert_stops_at_settings(tmp_path, run_experiment):
     return check
 
 
+def _code_cells(name: str) -> list:
+    "`(source, tags)` of each code cell of `experiments/{name}.ipynb`."
+    cells = json.loads((EXPERIMENTS / f"{name}.ipynb").read_text())["cells"]
+    return [("".join(c["source"]), c.get("metadata", {}).get("tags", [])) for c in cells if c["cell_type"] == "code"]
+
+
+@pytest.fixture
+def assert_settings_refuse(tmp_path):
+    """`check(name, parameters, message, settings_cell, namespace)`: the notebook's settings cell, run in this process
+    on its parameters cell's defaults overridden by `parameters`, raises a one-line error containing `message` and
+    leaves the store (one row) byte for byte. `namespace` gives the names the cell uses (its modules). The kernel-level
+    path (papermill stopping in that cell) is checked once per notebook by `assert_stops_at_settings`."""
+    def check(name: str, parameters: dict, message: str, settings_cell: str, namespace: dict):
+        db = tmp_path / "results.sqlite"
+        ResultsStore(db).add(experiment=name, size="mini_xs", method="prompt_tuning", task="rt_polarity", seed=0,
+                             metrics={"accuracy": 0.5}, steps=4, wall_time=1.0)
+        before = db.read_bytes()
+        cells = _code_cells(name)
+        values = dict(namespace)
+        exec(next(source for source, tags in cells if "parameters" in tags), values)
+        values.update({"results_db": str(db), "out_dir": str(tmp_path / "out"), **parameters})
+        with pytest.raises(ValueError) as error:
+            exec(next(source for source, _ in cells if source.startswith(settings_cell)), values)
+        assert message in str(error.value) and "\n" not in str(error.value)
+        assert len(ResultsStore(db, create=False)) == 1 and db.read_bytes() == before
+    return check
+
+
 class EvalData(typing.NamedTuple):
     "The examples a smoke run evaluates a task (or a mixture of tasks) on, rebuilt from the tokenized splits."
     label_words: tuple  # class id -> label word

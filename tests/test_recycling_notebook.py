@@ -12,6 +12,8 @@ from prompt_tuning_nb.recycling.run_recycle import word_ids_for
 from prompt_tuning_nb.results import ResultsStore
 from prompt_tuning_nb.zoo import pretrained_model
 
+SETTINGS_CELL = "settings = check_recycling_settings"  # the cell that checks the parameters, before any model is built
+
 SMOKE = experiment.SMOKE  # what `smoke=True` trains: the zoo recipe, steps, prompt length
 MODELS = ("mini_xs", "mini_s")  # the smoke setting: two sizes pretrained by a tiny recipe
 TASK = "rt_polarity"
@@ -87,13 +89,18 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
         check_scores(rows_of(recycler, target, source), target, recycled_PxH)
 
 
+def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_store(assert_stops_at_settings):
+    assert_stops_at_settings("recycling", {"models": "mini_xs,mini_huge"}, "parameter models='mini_huge'",
+                             SETTINGS_CELL)
+
+
 @pytest.mark.parametrize("parameters, message", [
-    ({"models": "mini_xs,mini_huge"}, "parameter models='mini_huge'"),
     ({"tasks": "rt_polarity,imdb"}, "parameter tasks='imdb'"),
     ({"steps": 0}, "parameter steps=0"),
     ({"recyclers": "v2v-lin,v2v-rnn"}, "parameter recyclers='v2v-rnn'"),
     ({"word_offset": 3000}, "the filtered vocabulary has 5999 words"),
     ({"out_dir": "/proc/not_writable"}, "parameter out_dir='/proc/not_writable'"),
 ])
-def test_bad_parameters_stop_before_training_and_leave_the_store(assert_stops_at_settings, parameters, message):
-    assert_stops_at_settings("recycling", parameters, message, "settings = check_recycling_settings")
+def test_bad_parameters_are_refused_with_one_line_errors(assert_settings_refuse, parameters, message):
+    assert_settings_refuse("recycling", parameters, message, SETTINGS_CELL,
+                           {"check_recycling_settings": recycling.check_recycling_settings})

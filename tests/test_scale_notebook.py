@@ -8,6 +8,8 @@ from prompt_tuning_nb.data import default_vocabulary
 from prompt_tuning_nb.results import ResultsStore
 from prompt_tuning_nb.zoo import pretrained_model
 
+SETTINGS_CELL = "settings = experiment.check_settings"  # the cell that checks the parameters, before any model is built
+
 SMOKE = experiment.SMOKE  # what `smoke=True` trains: the size, the zoo recipe, steps, prompt length
 TASKS = ("rt_polarity", "trec")  # the notebook's default tasks
 
@@ -46,12 +48,15 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
             assert row["metrics"] == pytest.approx(scores, abs=1e-6)
 
 
+def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_store(assert_stops_at_settings):
+    assert_stops_at_settings("scale", {"size": "mini_huge"}, "parameter size='mini_huge'", SETTINGS_CELL)
+
+
 @pytest.mark.parametrize("parameters, message", [
-    ({"size": "mini_huge"}, "parameter size='mini_huge'"),
     ({"tasks": "rt_polarity,imdb"}, "parameter tasks='imdb'"),
     ({"steps": 0}, "parameter steps=0"),
     ({"size": "base", "checkpoint_dir": "/nonexistent/{size}"}, "a T5X checkpoint folder for size 'base'"),
     ({"out_dir": "/proc/not_writable"}, "parameter out_dir='/proc/not_writable'"),
 ])
-def test_bad_parameters_stop_before_training_and_leave_the_store(assert_stops_at_settings, parameters, message):
-    assert_stops_at_settings("scale", parameters, message, "settings = experiment.check_settings")
+def test_bad_parameters_are_refused_with_one_line_errors(assert_settings_refuse, parameters, message):
+    assert_settings_refuse("scale", parameters, message, SETTINGS_CELL, {"experiment": experiment})

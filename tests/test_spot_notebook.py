@@ -5,10 +5,12 @@ import itertools
 import numpy as np
 import pytest
 
-from prompt_tuning_nb import experiment
+from prompt_tuning_nb import experiment, spot_experiment
 from prompt_tuning_nb.data import default_vocabulary
 from prompt_tuning_nb.results import ResultsStore
 from prompt_tuning_nb.zoo import pretrained_model
+
+SETTINGS_CELL = "settings = spot_experiment.check_spot_settings"  # the cell that checks the parameters, before any model is built
 
 SOURCES, TARGET = ("tweet_polarity", "trec"), "rt_polarity"  # short texts; the smoke setting trains 4 steps per run
 MIXTURE = "mixture:" + ":".join(SOURCES)
@@ -103,13 +105,16 @@ def test_smoke_run_writes_rows_and_the_figures(tmp_path, run_experiment, eval_da
         assert {name: row["metrics"][name] for name in expected} == pytest.approx(expected, abs=1e-6)
 
 
+def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_store(assert_stops_at_settings):
+    assert_stops_at_settings("spot", {"size": "mini_huge"}, "parameter size='mini_huge'", SETTINGS_CELL)
+
+
 @pytest.mark.parametrize("parameters, message", [
-    ({"size": "mini_huge"}, "parameter size='mini_huge'"),
     ({"steps": 0}, "parameter steps=0"),
     ({"source_tasks": ""}, "parameter source_tasks='': expected at least one task"),
     ({"source_tasks": "trec,imdb"}, "parameter source_tasks='imdb'"),
     ({"source_tasks": "trec,rt_polarity", "target_tasks": "rt_polarity"}, "parameter target_tasks='rt_polarity'"),
     ({"out_dir": "/proc/not_writable"}, "parameter out_dir='/proc/not_writable'"),
 ])
-def test_bad_parameters_stop_before_training_and_leave_the_store(assert_stops_at_settings, parameters, message):
-    assert_stops_at_settings("spot", parameters, message, "settings = spot_experiment.check_spot_settings")
+def test_bad_parameters_are_refused_with_one_line_errors(assert_settings_refuse, parameters, message):
+    assert_settings_refuse("spot", parameters, message, SETTINGS_CELL, {"spot_experiment": spot_experiment})

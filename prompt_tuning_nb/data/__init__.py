@@ -8,10 +8,10 @@ __all__ = ['task_table', 'CACHE_ENV', 'FILES', 'WHEELS', 'SourceUnavailable', 'c
            'split_fingerprint', 'wikitext2', 'DEFAULT_VOCAB_SIZE', 'T5_EXTRA_IDS', 'TrainedVocabulary', 'VocabSettings',
            'check_t5_special_ids', 'default_vocabulary', 'get_vocabulary', 'padded_vocab_size', 'pieces_per_word',
            'train_vocabulary', 'BENCHMARKS', 'BENCHMARK_TASKS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATION_TASKS',
-           'PRETRAINING_TASKS', 'TASKS', 'TaskInfo', 'accuracy', 'f1_of', 'format_example', 'get_task', 'label_words',
-           'label_macro_f1', 'register_classification_task', 'register_task', 'task_info', 'prefix_lm_split',
-           'random_spans_noise_mask', 'span_corruption', 'span_corruption_lengths', 'FEATURES', 'task_arrays',
-           'task_batches', 'task_examples']
+           'PRETRAINING_TASKS', 'TASKS', 'TEXT_FORMATS', 'TaskInfo', 'accuracy', 'f1_of', 'format_example', 'get_task',
+           'label_words', 'label_macro_f1', 'register_classification_task', 'register_task', 'target_texts',
+           'task_info', 'text_format_of', 'prefix_lm_split', 'random_spans_noise_mask', 'span_corruption',
+           'span_corruption_lengths', 'FEATURES', 'task_arrays', 'task_batches', 'task_examples']
 
 # %% ../../nbs/15_data.ipynb #fa2c6576
 from .sources import (
@@ -22,8 +22,9 @@ from .vocab import (
     DEFAULT_VOCAB_SIZE, T5_EXTRA_IDS, TrainedVocabulary, VocabSettings, check_t5_special_ids, default_vocabulary,
     get_vocabulary, padded_vocab_size, pieces_per_word, train_vocabulary)
 from .tasks import (
-    BENCHMARKS, BENCHMARK_TASKS, CLASSIFICATION_MIXTURE, CLASSIFICATION_TASKS, TASKS, TaskInfo, accuracy, f1_of,
-    format_example, get_task, label_words, label_macro_f1, register_classification_task, register_task, task_info)
+    BENCHMARKS, BENCHMARK_TASKS, CLASSIFICATION_MIXTURE, CLASSIFICATION_TASKS, TASKS, TEXT_FORMATS, TaskInfo,
+    accuracy, f1_of, format_example, get_task, label_words, label_macro_f1, register_classification_task,
+    register_task, target_texts, task_info, text_format_of)
 from .pretraining import (
     PRETRAINING_TASKS, prefix_lm_split, random_spans_noise_mask, span_corruption, span_corruption_lengths)
 from .batches import FEATURES, task_arrays, task_batches, task_examples
@@ -34,9 +35,10 @@ _all_ = ["CACHE_ENV", "FILES", "WHEELS", "SourceUnavailable", "cache_dir", "fetc
          "split_fingerprint", "wikitext2", "DEFAULT_VOCAB_SIZE", "T5_EXTRA_IDS", "TrainedVocabulary",
          "VocabSettings", "check_t5_special_ids", "default_vocabulary", "get_vocabulary", "padded_vocab_size",
          "pieces_per_word", "train_vocabulary", "BENCHMARKS", "BENCHMARK_TASKS", "CLASSIFICATION_MIXTURE",
-         "CLASSIFICATION_TASKS", "PRETRAINING_TASKS", "TASKS", "TaskInfo",
+         "CLASSIFICATION_TASKS", "PRETRAINING_TASKS", "TASKS", "TEXT_FORMATS", "TaskInfo",
          "accuracy", "f1_of", "format_example", "get_task", "label_words", "label_macro_f1",
-         "register_classification_task", "register_task", "task_info", "prefix_lm_split",
+         "register_classification_task", "register_task", "target_texts", "task_info", "text_format_of",
+         "prefix_lm_split",
          "random_spans_noise_mask", "span_corruption", "span_corruption_lengths", "FEATURES", "task_arrays",
          "task_batches", "task_examples"]
 

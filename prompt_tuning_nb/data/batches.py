@@ -37,7 +37,7 @@ def _check_split(task: seqio.Task, split: str) -> None:
         raise ValueError(f"task {task.name!r} has no split {split!r}; splits: {', '.join(task.splits)}")
 
 # %% ../../nbs/15f_batches.ipynb #eee44b98
-ARRAYS_VERSION = 1  # bump when preprocessing changes what a built-in task's arrays contain
+ARRAYS_VERSION = 2  # bump when preprocessing changes what a built-in task's arrays contain (2: causal-LM text)
 
 
 def _vocab_digest(vocab: seqio.Vocabulary) -> str:
@@ -101,12 +101,13 @@ def task_arrays(task_name: str,  # a task (see `prompt_tuning_nb.data.tasks.TASK
 # %% ../../nbs/15f_batches.ipynb #6d776731
 def task_examples(task_name: str,  # a classification or benchmark task
                   split: str,  # "train", "validation" or "test"
+                  vocab=None,  # the vocabulary whose text format the texts take; None: the default (T5's format)
                   ) -> list:
     "`[{'inputs', 'targets', 'idx', 'label'}]` text examples of a split, in `task_arrays`' row order."
     info = task_info(task_name)
     if info.kind == "pretraining":
         raise ValueError(f"task {task_name!r} is a pretraining task: its examples exist only as token ids")
-    task = get_task(task_name)
+    task = get_task(task_name, vocab)
     _check_split(task, split)
     ds = task.get_dataset(None, split=split, shuffle=False, try_in_mem_cache=False)
     out = []

@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['BYTE_LEVEL_PRE_TOKENIZERS', 'CONTROL', 'USER_DEFINED', 'byte_alphabet', 'bpe_tokenizer', 'BPEVocabulary',
-           'gguf_vocabulary']
+           'gguf_vocabulary', 'tokenizer_json_vocabulary']
 
 # %% ../../nbs/15g_bpe_vocab.ipynb #2c43a345
 import hashlib
 import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ import tensorflow as tf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ..formats.gguf import read_gguf_metadata
-from ..formats.tree import CheckpointError
+from ..formats.tree import CheckpointError, read_config_json
 
 # %% ../../nbs/15g_bpe_vocab.ipynb #b3d657dd
 def byte_alphabet() -> dict:
@@ -157,3 +158,19 @@ def gguf_vocabulary(path: str | os.PathLike,  # a GGUF file with a byte-level BP
                          pad_id=seqio.vocabularies.PAD_ID if pad is None else pad, unk_id=ids["unknown_token_id"],
                          bos_id=ids["bos_token_id"], add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
                          name=os.path.basename(path))
+
+
+def tokenizer_json_vocabulary(folder: str | os.PathLike,  # a Hugging Face folder: tokenizer.json + config.json
+                              ) -> BPEVocabulary:
+    "The `BPEVocabulary` of a Hugging Face folder's `tokenizer.json`, with the special ids of its `config.json`."
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder}: no tokenizer.json; give the vocabulary of the model's tokenizer another way "
+                              "(a .gguf file with the same tokenizer)")
+    config = read_config_json(folder / "config.json", "a Hugging Face config")
+    if config.get("eos_token_id") is None:
+        raise CheckpointError(f"{folder / 'config.json'}: no eos_token_id; a vocabulary needs it")
+    eos = config["eos_token_id"][0] if isinstance(config["eos_token_id"], list) else config["eos_token_id"]
+    pad = config.get("pad_token_id")
+    return BPEVocabulary(Tokenizer.from_file(str(folder / "tokenizer.json")), eos_id=eos,
+                         pad_id=eos if pad is None else pad, bos_id=config.get("bos_token_id"), name=folder.name)

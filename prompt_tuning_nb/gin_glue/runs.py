@@ -182,7 +182,7 @@ def run_infer(model: t5.T5Config,  # MODEL
     inputs_NxT = inputs_NxT[:num_examples]
     texts = None
     if task_info(mixture_or_task_name).kind != "pretraining":
-        texts = [e["inputs"] for e in task_examples(mixture_or_task_name, split)][:len(inputs_NxT)]
+        texts = [e["inputs"] for e in task_examples(mixture_or_task_name, split, vocab)][:len(inputs_NxT)]
     out = Path(output_dir) / f"{mixture_or_task_name}-{split}.jsonl"
     if decoding == "rank_classification":
         words = task_info(mixture_or_task_name).label_words

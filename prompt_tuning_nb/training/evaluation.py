@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import scipy.stats
 
+from ..data.tasks import target_texts, text_format_of
 from ..family import family_of
 from ..formats.atomic import atomic_write_text
 from .step import LossConfig, loss_fn
@@ -139,28 +140,43 @@ def until_eos(tokens: np.ndarray,  # one sequence of token ids
     return tuple(out)
 
 
+def _target_tokens(targets_L: np.ndarray, eos_id: int) -> list:
+    "A seqio target's tokens: up to and including its first EOS, its padding (0) dropped."
+    out = []
+    for t in np.asarray(targets_L).tolist():
+        if t != 0:
+            out.append(t)
+        if t == eos_id:
+            break
+    return out
+
+
 def exact_match(predicted_NxL: np.ndarray,  # decoded tokens
-                targets_NxL: np.ndarray,  # target tokens
+                targets_NxL: np.ndarray,  # seqio target tokens (0-padded)
                 eos_id: int = 1,  # end of sequence
-                pad_id: Optional[int] = 0,  # padding
                 ) -> float:
-    "Fraction of predictions equal to their target up to EOS."
-    return float(np.mean([until_eos(p, eos_id, pad_id) == until_eos(t, eos_id, pad_id)
-                          for p, t in zip(predicted_NxL, targets_NxL)]))
+    "Fraction of predictions that begin with their whole target: its tokens and, when it has one, its EOS."
+    matches = []
+    for predicted, target in zip(np.asarray(predicted_NxL).tolist(), targets_NxL):
+        tokens = _target_tokens(target, eos_id)
+        matches.append(predicted[:len(tokens)] == tokens)
+    return float(np.mean(matches))
 
 # %% ../../nbs/20b_evaluation.ipynb #lc000002
 def label_candidates(words: Sequence[str],  # the label words, in class-id order
                      vocab,  # the task's `seqio.Vocabulary`
                      length: Optional[int] = None,  # the targets length L; None: the longest word's
                      ) -> np.ndarray:
-    "`[C, L]` token ids of each label word then EOS, padded: the targets rank classification scores."
-    encoded = [[int(i) for i in vocab.encode(word)] + [vocab.eos_id] for word in words]
+    "`[C, L]` token ids of each label word as the task's targets spell it (`data.target_texts`; EOS after it in T5's format), 0-padded like seqio features."
+    text_format = text_format_of(vocab)
+    end = [vocab.eos_id] if text_format == "text2text" else []
+    encoded = [[int(i) for i in vocab.encode(text)] + end for text in target_texts(words, text_format)]
     length = length or max(map(len, encoded))
     for word, ids in zip(words, encoded):
         if len(ids) > length:
-            raise ValueError(f"label word {word!r} is {len(ids) - 1} tokens + EOS, longer than the targets length "
+            raise ValueError(f"label word {word!r} is {len(ids)} tokens (EOS included, if any), longer than the targets length "
                              f"{length}; raise the targets length (TASK_FEATURE_LENGTHS['targets'] in gin)")
-    return np.asarray([ids + [vocab.pad_id] * (length - len(ids)) for ids in encoded], np.int32)
+    return np.asarray([ids + [0] * (length - len(ids)) for ids in encoded], np.int32)  # 0: seqio's padding, as in the task's targets
 
 # %% ../../nbs/20b_evaluation.ipynb #d2f78bab
 def classification_evaluator(config,  # the model
@@ -191,7 +207,7 @@ def decoding_evaluator(config,  # the model
         predicted = decode(config, params, inputs_NxT, max_decode_length=max_decode_length, batch_size=batch_size,
                            placement=placement)
         ids = family_of(config).special_ids
-        return {"exact_match": exact_match(predicted, targets_NxL, ids.eos, ids.pad)}
+        return {"exact_match": exact_match(predicted, targets_NxL, ids.eos)}
     return evaluate
 
 
