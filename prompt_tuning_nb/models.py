@@ -90,7 +90,7 @@ class LoadedModel:
     @functools.cached_property
     def vocabulary(self):
         "The model's `seqio.Vocabulary`."
-        if self.vocabulary_path and (str(self.vocabulary_path).endswith(".gguf") or Path(self.vocabulary_path).is_dir()):
+        if isinstance(self.config, LlamaConfig):  # a decoder-only LM brings its own tokenizer
             return checkpoint_vocabulary(self.vocabulary_path)
         return get_vocabulary(self.vocabulary_path)
 
@@ -136,5 +136,4 @@ def load_model(name_or_path: str | os.PathLike,  # a zoo or preset name, or a ch
         raise ValueError(f"load_model({name!r}): no such file or folder, and not a model name; expected a path or one "
                          f"of {known}")
     config, params, where = read_checkpoint(name, dtype=dtype)
-    stored = where.endswith(".gguf") or isinstance(config, LlamaConfig)  # a decoder-only LM brings its tokenizer
-    return LoadedModel(config, params, where, vocabulary or (where if stored else None))
+    return LoadedModel(config, params, where, vocabulary or (where if isinstance(config, LlamaConfig) else None))

@@ -142,6 +142,7 @@ def target_texts(words: Sequence[str],  # label words
 
 def _inputs_text(values: list,  # each field's text: strings or string tensors
                  prefix: str, fields: tuple, answer: str, text_format: str):
+    _check_format(text_format)
     if text_format == "text2text":
         parts = [prefix] + [part for field, value in zip(fields, values) for part in (f"{field}:", value)]
         return parts, " "
@@ -159,7 +160,6 @@ def to_task_text(dataset: tf.data.Dataset,  # examples with the task's fields, "
                  answer: str = "Answer",  # the causal LM's answer line, e.g. "Sentiment"
                  ) -> tf.data.Dataset:
     "seqio preprocessor: `{fields, label, idx}` -> `{inputs, targets, label, idx}` strings in `text_format`."
-    _check_format(text_format)
     targets = tf.constant(list(target_texts(label_words, text_format)))
 
     def fn(x):

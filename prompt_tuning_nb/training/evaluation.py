@@ -140,25 +140,14 @@ def until_eos(tokens: np.ndarray,  # one sequence of token ids
     return tuple(out)
 
 
-def _target_tokens(targets_L: np.ndarray, eos_id: int) -> list:
-    "A seqio target's tokens: up to and including its first EOS, its padding (0) dropped."
-    out = []
-    for t in np.asarray(targets_L).tolist():
-        if t != 0:
-            out.append(t)
-        if t == eos_id:
-            break
-    return out
-
-
 def exact_match(predicted_NxL: np.ndarray,  # decoded tokens
                 targets_NxL: np.ndarray,  # seqio target tokens (0-padded)
                 eos_id: int = 1,  # end of sequence
                 ) -> float:
     "Fraction of predictions that begin with their whole target: its tokens and, when it has one, its EOS."
     matches = []
-    for predicted, target in zip(np.asarray(predicted_NxL).tolist(), targets_NxL):
-        tokens = _target_tokens(target, eos_id)
+    for predicted, target in zip(np.asarray(predicted_NxL).tolist(), np.asarray(targets_NxL).tolist()):
+        tokens = list(until_eos(target, eos_id, 0)) + ([eos_id] if eos_id in target else [])  # 0: seqio's padding
         matches.append(predicted[:len(tokens)] == tokens)
     return float(np.mean(matches))
 
