@@ -21,12 +21,12 @@ $(BIN)/.installed: settings.ini setup.py requirements-lock.txt
 
 install: $(BIN)/.installed
 
-# The main job: the miniature scale ladder (pretraining the zoo on first use), then every figure.
+# The main job: Figure 1 on SmolLM2-135M (and the miniature ladder once `make pretrain` cached it), then every figure.
 demo: install
 	mkdir -p experiments/out
 	$(BIN)/papermill experiments/scale.ipynb experiments/out/scale.ipynb --cwd . --log-output
 	$(BIN)/papermill experiments/figures.ipynb experiments/out/figures.ipynb --cwd .
-	@echo "Figure 1 (miniature scale): experiments/figures/scale.png (this run: experiments/out/scale/scale.png)"
+	@echo "Figure 1: experiments/figures/scale.png (this run: experiments/out/scale/scale.png)"
 
 # Build (or resume) the zoo; FACTOR=8 pretrains eight times longer, for hours.
 FACTOR ?= 1

@@ -83,7 +83,7 @@ class LlamaFamily:
 
     def logits(self, params, batch, *, placement=None, dropout_rng=None):
         return forward(self.config, params, batch["decoder_input_tokens"], placement=placement or prefix,
-                       dropout_rng=dropout_rng)
+                       dropout_rng=dropout_rng, positions_BxK=batch.get("decoder_target_positions"))
 
     def score(self, params, inputs_BxT, candidates, *, placement=None):
         return score_targets(self.config, params, inputs_BxT, candidates, placement=placement or prefix)
@@ -137,13 +137,15 @@ def forward(config: LlamaConfig,  # the model (static under `jit`)
             *,
             placement: Callable = prefix,  # `prefix` (PEFT's) or `prefix_after_bos`
             dropout_rng=None,  # a `jax.random.key` to train with dropout; None for deterministic
+            positions_BxK=None,  # only these data positions' logits (`[B, K]`); None: every position's
             ) -> jax.Array:
-    "Float32 next-token logits `[B, T, V]` at every data position, in data order."
+    "Float32 next-token logits `[B, T, V]` at every data position, in data order (or `[B, K, V]` at `positions_BxK`)."
     params = with_prompt(config, params, prompt_PxD)
     model = _model(config, params, placement)
     _check_tokens(config, tokens_BxT, extra=model.prompt_length)
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    return model.apply({"params": params}, tokens_BxT, deterministic=dropout_rng is None, rngs=rngs)
+    return model.apply({"params": params}, tokens_BxT, deterministic=dropout_rng is None, rngs=rngs,
+                       positions_BxK=positions_BxK)
 
 # %% ../nbs/03b_llama.ipynb #aa0a7033
 def prefill(config: LlamaConfig,  # the model (static under `jit`)
@@ -246,18 +248,25 @@ def causal_lm_batch(batch: dict,  # task features (`encoder_input_tokens`, `deco
     if "encoder_input_tokens" in batch:
         if "decoder_target_tokens" not in batch:
             raise ValueError(f"batch has no 'decoder_target_tokens', needed by a llama model (keys: {sorted(batch)})")
-        inputs, targets = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
-        converted = causal_lm_features(inputs, continued_lengths(inputs, config.eos_id), targets,
-                                       seqio_lengths(targets), config.pad_id)
-        return {key: np.asarray(value) for key, value in converted.items()}
+        inputs, targets = np.asarray(batch["encoder_input_tokens"]), np.asarray(batch["decoder_target_tokens"], np.int32)
+        input_lengths, target_lengths = continued_lengths(inputs, config.eos_id), seqio_lengths(targets)
+        tokens = causal_lm_features(inputs, input_lengths, targets, target_lengths, config.pad_id)["decoder_input_tokens"]
+        slots_L = np.arange(targets.shape[1])
+        return {"decoder_input_tokens": np.asarray(tokens),  # the loss reads only the targets' positions:
+                "decoder_target_positions": (np.asarray(input_lengths)[:, None] - 1 + slots_L).astype(np.int32),
+                "decoder_target_tokens": targets,
+                "decoder_loss_weights": (slots_L < np.asarray(target_lengths)[:, None]).astype(np.float32)}
     if "decoder_input_tokens" not in batch:
         raise ValueError(f"batch has no 'encoder_input_tokens' (task features) nor 'decoder_input_tokens', needed by a "
                          f"llama model (keys: {sorted(batch)})")
     inputs = np.asarray(batch["decoder_input_tokens"], np.int32)
     targets = np.asarray(batch.get("decoder_target_tokens", inputs), np.int32)
     weights = batch.get("decoder_loss_weights")
-    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
-            "decoder_loss_weights": np.asarray(np.ones(inputs.shape) if weights is None else weights, np.float32)}
+    converted = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+                 "decoder_loss_weights": np.asarray(np.ones(targets.shape) if weights is None else weights, np.float32)}
+    if "decoder_target_positions" in batch:  # converted before: converting again changes nothing
+        converted["decoder_target_positions"] = np.asarray(batch["decoder_target_positions"], np.int32)
+    return converted
 
 # %% ../nbs/03b_llama.ipynb #11b0f007
 def candidate_lengths(candidates_NxL, eos_id: int) -> jax.Array:
@@ -274,14 +283,22 @@ def score_targets(config: LlamaConfig,  # the model (static under `jit`)
                   *,
                   placement: Callable = prefix,  # where the prompt goes
                   ) -> jax.Array:
-    "Log-likelihood `[B, C]` of each candidate sequence after each input."
-    inputs_BxT, batch = jnp.asarray(inputs_BxT), inputs_BxT.shape[0]
-    candidates_BxCxL = jnp.broadcast_to(candidate_tokens, (batch, *candidate_tokens.shape[-2:]))
-    num_candidates = candidates_BxCxL.shape[1]
-    inputs_NxT = jnp.repeat(inputs_BxT, num_candidates, axis=0)
-    targets_NxL = candidates_BxCxL.reshape(batch * num_candidates, -1)
-    features = causal_lm_features(inputs_NxT, continued_lengths(inputs_NxT, config.eos_id), targets_NxL,
-                                  candidate_lengths(targets_NxL, config.eos_id), config.pad_id)
-    logits = forward(config, params, features["decoder_input_tokens"], placement=placement)
-    token_ll = jnp.take_along_axis(jax.nn.log_softmax(logits), features["decoder_target_tokens"][..., None], axis=-1)
-    return jnp.sum(token_ll[..., 0] * features["decoder_loss_weights"], axis=-1).reshape(batch, num_candidates)
+    "Log-likelihood `[B, C]` of each candidate sequence after each input (the inputs run once, see above)."
+    inputs_BxT = jnp.asarray(inputs_BxT)
+    candidates_BxCxL = jnp.broadcast_to(candidate_tokens, (inputs_BxT.shape[0], *candidate_tokens.shape[-2:]))
+    length = candidates_BxCxL.shape[2]
+    cache_length = prompt_length_of(config, params) + inputs_BxT.shape[1] + length - 1
+    first_BxV, cache = prefill(config, params, inputs_BxT, continued_lengths(inputs_BxT, config.eos_id), cache_length,
+                               placement=placement)
+    scores = []
+    for c in range(candidates_BxCxL.shape[1]):
+        tokens_BxL = candidates_BxCxL[:, c]
+        weights_BxL = jnp.arange(length) < candidate_lengths(tokens_BxL, config.eos_id)[:, None]
+        logits_BxV, step_cache, total_B = first_BxV, cache, 0.0
+        for j in range(length):
+            log_p_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), tokens_BxL[:, j:j + 1], axis=1)[:, 0]
+            total_B = total_B + jnp.where(weights_BxL[:, j], log_p_B, 0.0)
+            if j + 1 < length:
+                logits_BxV, step_cache = decode_step(config, params, step_cache, tokens_BxL[:, j])
+        scores.append(total_B)
+    return jnp.stack(scores, axis=1)

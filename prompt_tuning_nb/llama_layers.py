@@ -227,12 +227,15 @@ class Llama(nn.Module):
         causal_1xSxS = (slots_S[:, None] >= slots_S[None, :])[None]
         return self.decoder(x_BxSxD, jnp.broadcast_to(slots_S, x_BxSxD.shape[:2]), causal_1xSxS, deterministic)
 
-    def __call__(self, tokens_BxT, deterministic: bool = True):
-        "Logits `[B, T, V]` in data order (the prompt positions removed)."
+    def __call__(self, tokens_BxT, deterministic: bool = True,
+                 positions_BxK=None):  # the data positions whose logits are wanted; None: all
+        "Logits `[B, T, V]` in data order (the prompt positions removed), or `[B, K, V]` at `positions_BxK` only."
         y_BxSxD, _ = self._run(tokens_BxT, deterministic)
         if self.prompt_length:
             positions_BxS = placed_positions(self.placement, tokens_BxT, self.prompt_length)
             y_BxSxD = remove_prompt(y_BxSxD, positions_BxS, self.prompt_length)
+        if positions_BxK is not None:  # the output layer is over a quarter of a step: run it where the loss is
+            y_BxSxD = jnp.take_along_axis(y_BxSxD, jnp.asarray(positions_BxK)[..., None], axis=1)
         return self.decoder.logits(y_BxSxD, self.token_embedder.embedding)
 
     def prefill(self, tokens_BxT, lengths_B, cache_length: int):

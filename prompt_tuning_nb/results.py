@@ -30,12 +30,13 @@ DEFAULT_DB = Path("experiments/results.sqlite")  # relative to the working direc
 
 METHODS = {  # method name -> label in figures
     "model_tuning": "Model Tuning", "prompt_tuning": "Prompt Tuning", "prompt_design": "Prompt Design",
+    "few_shot": "Prompt Design (few-shot)",
     "spot_mixture": "SPoT (mixture source)", "spot_retrieved": "SPoT (retrieved source)",
     "spot_transfer": "SPoT (given source)", "task_similarity": "Task similarity",
     "v2v-nn": "v2v-nn", "v2v-lin": "v2v-lin", "lin-comb": "lin-comb",
     "zero_shot": "Zero-shot (no prompt)", "random_prompt": "Random prompt",
 }
-SCALE_METHODS = ("model_tuning", "prompt_tuning", "prompt_design")  # the methods of the paper's Figure 1
+SCALE_METHODS = ("model_tuning", "prompt_tuning", "prompt_design", "few_shot")  # Figure 1's (its prompt design is GPT-3 few-shot)
 INITS = {"random_uniform": "Random Uniform", "sampled_vocab": "Sampled Vocab", "class_label": "Class Label"}
 INIT_ALIASES = {"uniform": "random_uniform", "random": "random_uniform", "from_sampled_vocab": "sampled_vocab",
                 "from_sample_of_embeddings": "sampled_vocab", "from_class_labels": "class_label",

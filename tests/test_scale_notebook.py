@@ -14,9 +14,14 @@ SMOKE = experiment.SMOKE  # what `smoke=True` trains: the size, the zoo recipe, 
 TASKS = ("rt_polarity", "trec")  # the notebook's default tasks
 
 
-def designed_inputs(vocab, label_words, inputs_NxT):
-    "The inputs with prompt design's hand-written prompt in front."
-    prompt_ids = np.asarray(vocab.encode(f"Answer {' or '.join(label_words)}."), np.int32)
+INSTRUCTIONS = {"rt_polarity": "Answer with the sentiment of the text: negative or positive.\n\n",
+                "trec": "Answer with the answer type of the text: description, entity, abbreviation, human, number or "
+                        "location.\n\n"}  # prompt design's hand-written instructions, as the notebook must write them
+
+
+def designed_inputs(vocab, text, inputs_NxT):
+    "The inputs with a hand-written prompt in front."
+    prompt_ids = np.asarray(vocab.encode(text), np.int32)
     return np.concatenate([np.tile(prompt_ids, (len(inputs_NxT), 1)), inputs_NxT], axis=1)
 
 
@@ -26,8 +31,8 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
     db, out = tmp_path / "results.sqlite", tmp_path / "out"
     run_experiment("scale", smoke=True, results_db=str(db), out_dir=str(out))
     rows = ResultsStore(db).rows()
-    assert len(rows) == 2 * 3 * 2  # (validation, test) x 3 methods x 2 tasks
-    assert {row["method"] for row in rows} == {"model_tuning", "prompt_tuning", "prompt_design"}
+    assert len(rows) == 2 * 4 * 2  # (validation, test) x 4 methods x 2 tasks
+    assert {row["method"] for row in rows} == {"model_tuning", "prompt_tuning", "prompt_design", "few_shot"}
     assert {row["task"] for row in rows} == set(TASKS)
     assert (out / "scale.png").stat().st_size > 0 and (out / "scale.svg").stat().st_size > 0
 
@@ -36,16 +41,19 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
     for task in TASKS:
         data = eval_data([task], vocab)
         runs = {method: {row["split"]: row for row in rows if (row["task"], row["method"]) == (task, method)}
-                for method in ("model_tuning", "prompt_tuning", "prompt_design")}
+                for method in ("model_tuning", "prompt_tuning", "prompt_design", "few_shot")}
         folder = {method: out / f"{SMOKE['size']}-{task}-{method}-pretrained-seed0" for method in runs}
         check_prompt_tuning(runs["prompt_tuning"], folder["prompt_tuning"], config, params, data)
         check_model_tuning(runs["model_tuning"], folder["model_tuning"], config, params, data)
-        for split, (inputs, labels) in (("validation", data.validation), ("test", data.test)):
-            row = runs["prompt_design"][split]  # trains nothing: the scores of the hand-written prompt
-            assert row["steps"] == 0 and row["trainable_params"] == 0 and row["num_params"] == family.num_params(config)
-            designed = (designed_inputs(vocab, data.label_words, inputs), labels)
-            scores = score_prompt(config, params, None, designed, data.candidates)
-            assert row["metrics"] == pytest.approx(scores, abs=1e-6)
+        context = experiment.demonstrations(task, vocab, 1, seed=0)
+        assert context.startswith(INSTRUCTIONS[task]) and len(context) > len(INSTRUCTIONS[task])
+        for method, text in (("prompt_design", INSTRUCTIONS[task]), ("few_shot", context)):
+            for split, (inputs, labels) in (("validation", data.validation), ("test", data.test)):
+                row = runs[method][split]  # trains nothing: the scores of the hand-written prompt
+                assert row["steps"] == 0 and row["trainable_params"] == 0 and row["num_params"] == family.num_params(config)
+                designed = (designed_inputs(vocab, text, inputs), labels)
+                scores = score_prompt(config, params, None, designed, data.candidates)
+                assert row["metrics"] == pytest.approx(scores, abs=1e-6)
 
 
 def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_store(assert_stops_at_settings):

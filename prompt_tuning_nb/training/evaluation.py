@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import scipy.stats
 
+from ..data.batches import trim_inputs
 from ..data.tasks import target_texts, text_format_of
 from ..family import family_of
 from ..formats.atomic import atomic_write_text
@@ -56,13 +57,20 @@ def score_candidates(config,  # the model
                      *,
                      batch_size: int,  # inputs per call
                      placement: Optional[Callable] = None,  # where the prompt goes; None for the default
+                     trim_multiple: int = 32,  # batch widths are multiples of this (each is one compiled shape)
                      ) -> np.ndarray:
-    "Log-likelihood `[N, C]` of each candidate given each input."
+    "Log-likelihood `[N, C]` of each candidate given each input (rows scored shortest first, see above)."
     family = family_of(config)
     inputs_NxT, candidates = np.asarray(inputs_NxT, np.int32), np.asarray(candidates, np.int32)
+    order_N = np.argsort(np.sum(inputs_NxT != 0, axis=1), kind="stable")
+    trim = lambda x: trim_inputs({"encoder_input_tokens": x}, trim_multiple)["encoder_input_tokens"]
     if candidates.ndim == 2:
-        return batched(lambda x: _score(family, params, x, candidates, placement=placement), [inputs_NxT], batch_size)
-    return batched(lambda x, c: _score(family, params, x, c, placement=placement), [inputs_NxT, candidates], batch_size)
+        scores = batched(lambda x: _score(family, params, trim(x), candidates, placement=placement),
+                         [inputs_NxT[order_N]], batch_size)
+    else:
+        scores = batched(lambda x, c: _score(family, params, trim(x), c, placement=placement),
+                         [inputs_NxT[order_N], candidates[order_N]], batch_size)
+    return scores[np.argsort(order_N)]
 
 # %% ../../nbs/20b_evaluation.ipynb #86d414c0
 def class_macro_f1(predictions_N: np.ndarray,  # predicted class ids
