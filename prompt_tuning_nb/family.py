@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SpecialIds', 'ModelFamily', 'register_family', 'family_of', 'prompt_of', 'prompt_length_of', 'embedding_of',
-           'with_prompt', 'without_prompt', 'prompt_variable_name', 'num_params']
+           'with_prompt', 'repeat_example_prompts', 'without_prompt', 'prompt_variable_name', 'num_params']
 
 # %% ../nbs/00a_family.ipynb #b17b396b
 import dataclasses
@@ -106,7 +106,7 @@ def _put(tree, path, value):
 
 
 def prompt_of(config, params: dict):
-    "The `[P, D]` prompt stored in `params`, or None."
+    "The prompt stored in `params` (`[P, D]`, or `[B, P, D]` with one per example), or None."
     path = family_of(config).prompt_path
     return _get(params, path) if _has(params, path) else None
 
@@ -114,7 +114,7 @@ def prompt_of(config, params: dict):
 def prompt_length_of(config, params: dict) -> int:
     "P of the prompt stored in `params`, or 0."
     prompt = prompt_of(config, params)
-    return 0 if prompt is None else prompt.shape[0]
+    return 0 if prompt is None else prompt.shape[-2]
 
 
 def embedding_of(config, params: dict):
@@ -123,15 +123,26 @@ def embedding_of(config, params: dict):
 
 
 def with_prompt(config, params: dict,
-                prompt_PxD,  # `[P, D]`, or None to keep what `params` holds
+                prompt_PxD,  # `[P, D]`, `[B, P, D]` (one per example, `prompts.select_prompts`), or None: keep `params`
                 ) -> dict:
     "`params` with `prompt_PxD` at the family's prompt path (a new tree; `params` is not changed)."
     if prompt_PxD is None:
         return params
     width = embedding_of(config, params).shape[1]
-    if prompt_PxD.ndim != 2 or prompt_PxD.shape[1] != width:
-        raise ValueError(f"prompt must have shape [P, d_model={width}], got {tuple(prompt_PxD.shape)}")
+    if prompt_PxD.ndim not in (2, 3) or prompt_PxD.shape[-1] != width:
+        raise ValueError(f"prompt must have shape [P, d_model={width}] or [batch, P, d_model={width}], got "
+                         f"{tuple(prompt_PxD.shape)}")
     return _put(params, family_of(config).prompt_path, prompt_PxD)
+
+
+def repeat_example_prompts(config, params: dict,
+                           repeats: int,  # how many consecutive rows each example became (`jnp.repeat`)
+                           ) -> dict:
+    "`params` for a batch whose rows were each repeated `repeats` times: a per-example prompt repeated alike."
+    prompt = prompt_of(config, params)
+    if prompt is None or prompt.ndim == 2:
+        return params
+    return _put(params, family_of(config).prompt_path, jax.numpy.repeat(prompt, repeats, axis=0))
 
 
 def without_prompt(config, params: dict) -> dict:

@@ -10,7 +10,7 @@ __all__ = ['Initializer', 'uniform', 'from_sample_of_embeddings', 'TextEncoder',
 import logging
 import warnings
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -187,10 +187,15 @@ def from_array(array,  # the prompt `[P, H]`
     return _from_array(np.asarray(array), "from_array: the array")
 
 # %% ../nbs/10_initializers.ipynb #46f97a17
-def from_file(path: str | Path,  # a prompt file or PEFT folder (see `formats.prompt_files.load_prompt`)
+def from_file(path: str | Path | Mapping,  # a prompt file or PEFT folder (`formats.prompt_files.load_prompt`), or {task: file}
               ) -> Initializer:
-    "The prompt stored at `path`, unchanged (cast to `dtype`)."
-    return _from_array(np.asarray(load_prompt(path)), f"from_file: prompt file {str(path)!r}")
+    "The prompt stored at `path`, unchanged (cast to `dtype`); for a `{task: file}` mapping, the tasks' prompts `[K, P, H]`."
+    if not isinstance(path, Mapping):
+        return _from_array(np.asarray(load_prompt(path)), f"from_file: prompt file {str(path)!r}")
+    if not path:
+        raise ValueError("from_file: the {task: prompt file} mapping is empty")
+    each = [from_file(file) for file in path.values()]
+    return lambda rng, shape, dtype=jnp.float32: jnp.stack([init(rng, shape, dtype) for init in each])
 
 # %% ../nbs/10_initializers.ipynb #275afdbb
 def np_load(path: str | Path,  # a `.npy` file

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .decoding import run_decoding
-from .family import SpecialIds, prompt_length_of, register_family, with_prompt
+from .family import SpecialIds, prompt_length_of, register_family, repeat_example_prompts, with_prompt
 from .llama_layers import PRESETS, KVCache, Llama, LlamaConfig  # noqa: F401 (llama.PRESETS, llama.LlamaConfig)
 from .prompts import prefix, prefix_after_bos
 from .sharding import PARTITION_RULES
@@ -197,6 +197,7 @@ def generate(config: LlamaConfig,  # the model (static under `jit`)
     if method == "beam":
         beams = options.get("beam_size", 4)
         tokens_BxT, lengths_B = jnp.repeat(tokens_BxT, beams, axis=0), jnp.repeat(jnp.asarray(lengths_B), beams)
+        params = repeat_example_prompts(config, params, beams)
     cache_length = prompt_length_of(config, params) + tokens_BxT.shape[1] + max_decode_length - 1
     logits_NxV, cache = prefill(config, params, tokens_BxT, lengths_B, cache_length, placement=placement)
     step = lambda cache, tokens_N: decode_step(config, params, cache, tokens_N)

@@ -116,8 +116,12 @@ class PlacedPrompt(nn.Module):
     @nn.compact
     def __call__(self, embedded_BxTxH, tokens_BxT):
         batch, _, width = embedded_BxTxH.shape
-        prompt_PxH = Prompt(self.length, width, self.initializer, name="prompt")()
-        return self.placement(expand_to_batch(prompt_PxH, batch), embedded_BxTxH, tokens_BxT)
+        given = self.variables.get("params", {}).get("prompt", {}).get("prompt")
+        if given is not None and given.ndim == 3:  # one prompt per example (`select_prompts`)
+            prompt_BxPxH = MultiTaskPrompt(batch, self.length, width, self.initializer, name="prompt")()
+        else:
+            prompt_BxPxH = expand_to_batch(Prompt(self.length, width, self.initializer, name="prompt")(), batch)
+        return self.placement(prompt_BxPxH, embedded_BxTxH, tokens_BxT)
 
 # %% ../nbs/00_prompt_layer.ipynb #f9ca5ca3
 def placed_positions(placement: Callable,  # a placement function

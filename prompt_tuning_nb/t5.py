@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .decoding import run_decoding
-from .family import SpecialIds, prompt_length_of, register_family, with_prompt
+from .family import SpecialIds, prompt_length_of, register_family, repeat_example_prompts, with_prompt
 from .prompts import prefix, prefix_after_bos
 from .sharding import PARTITION_RULES
 from .t5_layers import PRESETS, DecoderOnly, EncoderDecoder, T5Config  # noqa: F401 (t5.PRESETS, t5.T5Config)
@@ -332,6 +332,7 @@ def prefix_lm_score(config: T5Config,  # a `decoder_only=True` model (static und
     num_candidates = candidates_BxCxL.shape[1]
     features = prefix_lm_features(jnp.repeat(jnp.asarray(inputs_BxT), num_candidates, axis=0),
                                   candidates_BxCxL.reshape(batch * num_candidates, -1))
+    params = repeat_example_prompts(config, params, num_candidates)
     return _prefix_lm_log_likelihood(config, params, features, placement).reshape(batch, num_candidates)
 
 # %% ../nbs/01a_t5.ipynb #pl9e4a01
@@ -349,6 +350,7 @@ def prefix_lm_generate(config: T5Config,  # a `decoder_only=True` model (static 
     inputs_BxT = jnp.asarray(inputs_BxT)
     if method == "beam":
         inputs_BxT = jnp.repeat(inputs_BxT, options.get("beam_size", 4), axis=0)
+        params = repeat_example_prompts(config, params, options.get("beam_size", 4))
     rows = inputs_BxT.shape[0]
     features = prefix_lm_features(inputs_BxT, jnp.zeros((rows, max_decode_length), jnp.int32))
     cache = {"tokens": features["decoder_target_tokens"], "causal": features["decoder_causal_attention"],

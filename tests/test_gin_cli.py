@@ -138,3 +138,21 @@ def test_prompt_finetune_then_prompt_eval_end_to_end(tmp_path):
     assert printed == written
     for name in ("accuracy", "macro_f1", "auc"):  # the exported prompt on the saved model scores as in training
         assert written[name] == pytest.approx(at_step_3[name], abs=1e-6)
+
+    infer = ["--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 8}", "--gin.BATCH_SIZE=8",
+             "--gin.EVALUATOR_NUM_EXAMPLES=6", "--gin.PROMPT_LENGTH=20", "--gin.MIXTURE_OR_TASK_SPLIT='validation'",
+             f"--gin.CHECKPOINT_PATH='{model_dir}/checkpoint_0'", f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'"]
+    np.save(tmp_path / "trec.npy", -np.load(prompt_file))  # a stand-in prompt for a second task
+    mixed = {"rt_polarity": str(prompt_file), "trec": str(tmp_path / "trec.npy")}
+    for name, prompt in (("mixed", mixed), ("rt_polarity", str(prompt_file))):
+        gin_glue.parse_gin([f"{CONFIGS}/models/t5_1_1_mini_xs_prompt.gin", f"{CONFIGS}/runs/prompt_infer.gin"],
+                           [*[flag.removeprefix("--gin.") for flag in infer], f"MIXTURE_OR_TASK_NAME = '{name}'",
+                            f"PROMPT_FILE = {prompt!r}"])
+        gin_glue.run_configured()
+        gin.clear_config()
+    records = [json.loads(line) for line in (tmp_path / "infer" / "mixed-validation.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (tmp_path / "infer" / "rt_polarity-validation.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["rt_polarity", "trec"] * 6  # every batch of 8 mixes the two tasks
+    assert {len(r["scores"]) for r in records if r["task"] == "trec"} == {6}
+    np.testing.assert_allclose([r["scores"] for r in records if r["task"] == "rt_polarity"],
+                               [r["scores"] for r in alone], rtol=1e-4)  # as if rt_polarity ran alone with its prompt

@@ -147,3 +147,32 @@ def test_load_model_on_the_packaged_smollm2_and_its_peft_adapter(tmp_path):
     written = json.loads((adapter / "adapter_config.json").read_text())
     assert (written["task_type"], written["num_layers"], written["token_dim"]) == ("CAUSAL_LM", 30, 576)
     np.testing.assert_array_equal(load_peft_prompt(adapter), prompt)
+
+
+@pytest.mark.parametrize("name", ["t5_prefix_lm", "llama"])
+def test_per_example_prompts_score_and_decode_as_each_prompt_alone(name, lm_params):
+    """A `[B, P, D]` prompt gives each row its own prompt: rank classification (the prefix LM repeats rows per
+    candidate; Llama continues a cache over two-token candidates) and beam search (rows repeated per beam) equal
+    what each prompt gives alone in the parameters."""
+    from prompt_tuning_nb import llama
+
+    if name == "llama":
+        config = llama.LlamaConfig.from_preset("tiny", bos_id=None, eos_id=1, pad_id=0)
+        params = llama.init_params(config, jax.random.key(4))
+    else:
+        config, params = LM, lm_params
+    prompts_KxPxD = np.asarray(jax.random.normal(jax.random.key(5), (2, 3, family.embedding_of(config, params).shape[1])))
+    ids_N = np.array([1, 0, 1])
+    mixed = score_candidates(config, params, INPUTS, CANDIDATES, batch_size=2, prompts_KxPxD=prompts_KxPxD,
+                             prompt_ids_N=ids_N)
+    fam = family.family_of(config)
+    own = family.with_prompt(config, params, prompts_KxPxD[ids_N])
+    beams = np.asarray(fam.generate(own, INPUTS, 4, method="beam", beam_size=2))
+    for row, k in enumerate(ids_N):
+        alone = family.with_prompt(config, params, prompts_KxPxD[k])
+        np.testing.assert_allclose(mixed[row], score_candidates(config, alone, INPUTS[row:row + 1], CANDIDATES,
+                                                                batch_size=1)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(beams[row], fam.generate(alone, INPUTS[row:row + 1], 4, method="beam",
+                                                               beam_size=2)[0])
+    assert not np.allclose(mixed[0], score_candidates(config, family.with_prompt(config, params, prompts_KxPxD[0]),
+                                                      INPUTS[:1], CANDIDATES, batch_size=1)[0])  # the prompts differ

@@ -12,16 +12,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
+import numpy as np
+import seqio
 
 from .. import family, t5
 from ..data import get_vocabulary, task_arrays, task_examples, task_info
+from ..ensembles import mixed_task_scores
 from ..formats.atomic import atomic_write_text
 from ..formats.t5x import save_t5x_checkpoint
 from .builders import PromptSpec, make_evaluator, model_params, prompt_rng, training_batches
-from ..training.evaluation import infer, label_candidates
+from ..training.evaluation import infer, label_candidates, write_jsonl
 from ..training.loop import TrainResult, train
 from ..training.step import LossConfig
 
@@ -157,9 +160,36 @@ def run_eval(model: t5.T5Config,  # MODEL
     return metrics
 
 
+def _mixed_task_records(model, params, prompts_KxPxH, tasks, placement, split, lengths, vocab, batch_size, num_examples):
+    "One record per input of the tasks' splits, interleaved (one of each task in turn), each with its task's prompt."
+    found = {}
+    for task in tasks:
+        words = task_info(task).label_words
+        if not words:
+            raise ValueError(f"PROMPT_FILE task {task!r} has no label words: a mixed-task run ranks each task's labels")
+        inputs = task_arrays(task, split, lengths, vocab=vocab)["encoder_input_tokens"][:num_examples]
+        found[task] = (words, inputs, [e["inputs"] for e in task_examples(task, split, vocab)][:len(inputs)])
+    order = [(task, i) for i in range(max(len(f[1]) for f in found.values())) for task in tasks if i < len(found[task][1])]
+    scores = mixed_task_scores(model, params, dict(zip(tasks, prompts_KxPxH)),
+                               {task: label_candidates(f[0], vocab, lengths["targets"]) for task, f in found.items()},
+                               [task for task, _ in order], np.stack([found[task][1][i] for task, i in order]),
+                               batch_size=batch_size, placement=placement)
+    return [{"index": n, "task": task, "task_index": i, "input": found[task][2][i],
+             "prediction": found[task][0][int(np.argmax(scores[n]))], "scores": scores[n, :len(found[task][0])].tolist()}
+            for n, (task, i) in enumerate(order)]
+
+
+def _check_mixture(name, tasks):
+    "A one-line error when MIXTURE_OR_TASK_NAME is a seqio mixture of other tasks than PROMPT_FILE's."
+    if name in seqio.MixtureRegistry.names():
+        mixed = sorted(t.name for t in seqio.get_mixture_or_task(name).tasks)
+        if mixed != sorted(tasks):
+            raise ValueError(f"MIXTURE_OR_TASK_NAME {name!r} mixes {mixed}, but PROMPT_FILE has prompts for {sorted(tasks)}")
+
+
 def run_infer(model: t5.T5Config,  # MODEL
               checkpoint_path: Optional[str],  # CHECKPOINT_PATH; None: the random model of the seed
-              mixture_or_task_name: str,  # MIXTURE_OR_TASK_NAME
+              mixture_or_task_name: str,  # MIXTURE_OR_TASK_NAME (with a {task: file} PROMPT_FILE: the run's name)
               task_feature_lengths: dict,  # TASK_FEATURE_LENGTHS
               output_dir: str,  # INFER_OUTPUT_DIR
               prompt: Optional[PromptSpec] = None,  # PROMPT; None: no prompt
@@ -168,22 +198,34 @@ def run_infer(model: t5.T5Config,  # MODEL
               split: str = "test",  # MIXTURE_OR_TASK_SPLIT
               decoding: str = "rank_classification",  # DECODING: "rank_classification" or "greedy"
               batch_size: int = 32,  # BATCH_SIZE
-              num_examples: Optional[int] = None,  # the first this many inputs; None: all
+              num_examples: Optional[int] = None,  # the first this many inputs (of each task); None: all
               random_seed: int = 0,  # RANDOM_SEED
+              prompt_file=None,  # PROMPT_FILE: a {task: file} mapping runs those tasks in mixed batches
               ) -> Path:
-    "Write one prediction per input of a split to `output_dir/{task}-{split}.jsonl`; returns the file."
+    "Write one prediction per input of a split (or of each task's) to `output_dir/{name}-{split}.jsonl`; returns the file."
     if decoding not in ("rank_classification", "greedy"):
         raise ValueError(f"DECODING {decoding!r}: expected rank_classification or greedy")
     _import_task_module(mixture_or_task_module)
     vocab = get_vocabulary(vocabulary)
     _check_vocabulary(model, vocab)
+    out = Path(output_dir) / f"{mixture_or_task_name}-{split}.jsonl"
+    if isinstance(prompt_file, Mapping):
+        if decoding != "rank_classification" or prompt is None:
+            raise ValueError(f"a {{task: file}} PROMPT_FILE needs DECODING 'rank_classification' and a PROMPT, got "
+                             f"{decoding!r} and {prompt!r}")
+        _check_mixture(mixture_or_task_name, list(prompt_file))
+        prompts_KxPxH = prompt.initial_prompt(model.d_model, prompt_rng(random_seed))
+        records = _mixed_task_records(model, model_params(model, checkpoint_path, seed=random_seed), prompts_KxPxH,
+                                      list(prompt_file), prompt.placement_fn, split, task_feature_lengths, vocab,
+                                      batch_size, num_examples)
+        _log.info("wrote %d predictions of %d tasks to %s", len(records), len(prompt_file), out)
+        return write_jsonl(out, records)
     params, placement = _prompted_model(model, checkpoint_path, prompt, random_seed)
     inputs_NxT = task_arrays(mixture_or_task_name, split, task_feature_lengths, vocab=vocab)["encoder_input_tokens"]
     inputs_NxT = inputs_NxT[:num_examples]
     texts = None
     if task_info(mixture_or_task_name).kind != "pretraining":
         texts = [e["inputs"] for e in task_examples(mixture_or_task_name, split, vocab)][:len(inputs_NxT)]
-    out = Path(output_dir) / f"{mixture_or_task_name}-{split}.jsonl"
     if decoding == "rank_classification":
         words = task_info(mixture_or_task_name).label_words
         if not words:

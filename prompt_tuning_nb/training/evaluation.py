@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
 from ..data.batches import trim_inputs
 from ..data.tasks import target_texts, text_format_of
-from ..family import family_of
+from ..family import family_of, with_prompt
 from ..formats.atomic import atomic_write_text
+from ..prompts import select_prompts
 from .step import LossConfig, loss_fn
 
 # %% ../../nbs/20b_evaluation.ipynb #0ae38376
@@ -50,6 +52,24 @@ def _score(family, params, inputs, candidates, placement=None):
     return family.score(params, inputs, candidates, placement=placement)
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="placement")
+def _score_own_prompts(family, params, prompts_KxPxD, prompt_ids_B, inputs, candidates, placement=None):
+    params = with_prompt(family.config, params, select_prompts(prompts_KxPxD, prompt_ids_B))
+    return family.score(params, inputs, candidates, placement=placement)
+
+
+def _check_prompt_ids(prompts_KxPxD, prompt_ids_N, rows: int):
+    "The prompt ids as int32, after a one-line error if they do not give one prompt of `prompts_KxPxD` per row."
+    if prompt_ids_N is None or np.ndim(prompts_KxPxD) != 3:
+        raise ValueError("prompts_KxPxD must be [K, P, D] and come with prompt_ids_N (one prompt index per input)")
+    ids_N = np.asarray(prompt_ids_N)
+    if ids_N.shape != (rows,) or not np.issubdtype(ids_N.dtype, np.integer) or ids_N.min() < 0 \
+            or ids_N.max() >= len(prompts_KxPxD):
+        raise ValueError(f"prompt_ids_N must hold one index in [0, {len(prompts_KxPxD)}) per input ({rows}), got "
+                         f"{ids_N.dtype} {ids_N.shape}")
+    return ids_N.astype(np.int32)
+
+
 def score_candidates(config,  # the model
                      params: dict,  # its parameters (with the prompt, if any)
                      inputs_NxT: np.ndarray,  # input tokens
@@ -58,19 +78,24 @@ def score_candidates(config,  # the model
                      batch_size: int,  # inputs per call
                      placement: Optional[Callable] = None,  # where the prompt goes; None for the default
                      trim_multiple: int = 32,  # batch widths are multiples of this (each is one compiled shape)
+                     prompts_KxPxD: Optional[np.ndarray] = None,  # K prompts, each input with its own; None: the prompt in `params`
+                     prompt_ids_N: Optional[np.ndarray] = None,  # with `prompts_KxPxD`: the prompt of each input
                      ) -> np.ndarray:
     "Log-likelihood `[N, C]` of each candidate given each input (rows scored shortest first, see above)."
     family = family_of(config)
     inputs_NxT, candidates = np.asarray(inputs_NxT, np.int32), np.asarray(candidates, np.int32)
     order_N = np.argsort(np.sum(inputs_NxT != 0, axis=1), kind="stable")
     trim = lambda x: trim_inputs({"encoder_input_tokens": x}, trim_multiple)["encoder_input_tokens"]
-    if candidates.ndim == 2:
-        scores = batched(lambda x: _score(family, params, trim(x), candidates, placement=placement),
-                         [inputs_NxT[order_N]], batch_size)
+    rows = [inputs_NxT[order_N]] + ([candidates[order_N]] if candidates.ndim == 3 else [])
+    if prompts_KxPxD is None:
+        score = lambda x, c=candidates: _score(family, params, trim(x), c, placement=placement)
     else:
-        scores = batched(lambda x, c: _score(family, params, trim(x), c, placement=placement),
-                         [inputs_NxT[order_N], candidates[order_N]], batch_size)
-    return scores[np.argsort(order_N)]
+        rows.append(_check_prompt_ids(prompts_KxPxD, prompt_ids_N, len(inputs_NxT))[order_N])
+        prompts_KxPxD = jnp.asarray(prompts_KxPxD, jnp.float32)
+        score = lambda x, *rest: _score_own_prompts(family, params, prompts_KxPxD, rest[-1], trim(x),
+                                                    rest[0] if candidates.ndim == 3 else candidates,
+                                                    placement=placement)
+    return batched(score, rows, batch_size)[np.argsort(order_N)]
 
 # %% ../../nbs/20b_evaluation.ipynb #86d414c0
 def class_macro_f1(predictions_N: np.ndarray,  # predicted class ids
