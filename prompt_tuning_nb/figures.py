@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_FIGURES', 'FORMATS', 'COLORS', 'FAMILY_MARKERS', 'FAMILY_NAMES', 'PROMPT_LENGTHS', 'SPOT_METHODS', 'FIGURES',
-           'save_figure', 'line_name', 'draw_lines', 'plot_scale', 'plot_prompt_length', 'plot_init', 'plot_spot',
-           'heatmap', 'plot_similarity', 'plot_transfer_gains', 'plot_similarity_and_gains', 'plot_spot_similarity',
-           'plot_recycling', 'redraw_all']
+           'save_figure', 'line_name', 'draw_lines', 'plot_scale', 'draw_values', 'plot_prompt_length', 'plot_init',
+           'plot_spot', 'heatmap', 'plot_similarity', 'plot_transfer_gains', 'plot_similarity_and_gains',
+           'plot_spot_similarity', 'plot_recycling', 'redraw_all']
 
 # %% ../nbs/51_figures.ipynb #e3c32118
 import os
@@ -173,15 +173,48 @@ def _ablation(store: ResultsStore, vary: str, values: Optional[Sequence], line_o
     lines = {line: points["lines"][line] for line in order if line in points["lines"]}
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     labels = {line: label_of(line) for line in lines}
-    draw_lines(fig.subplots(), lines, labels, f"{metric} ({split})", f"{title}\n{_task_note(lines, task)}")
+    ax, title = fig.subplots(), f"{title}\n{_task_note(lines, task)}"
+    sizes = {size for points in lines.values() for size in points["sizes"]}
+    if len(sizes) > 1:
+        draw_lines(ax, lines, labels, f"{metric} ({split})", title)
+    else:
+        draw_values(ax, lines, labels, vary, f"{metric} ({split})", title)
     return fig, {"metric": metric, "lines": lines, "settings": setting, "skipped": points["skipped"]}
+
+
+def draw_values(ax,  # a matplotlib Axes
+                lines: Mapping,  # `score_lines(...)["lines"]` of one size: a point per studied value
+                labels: Mapping,  # value -> its tick label
+                vary: str,  # the studied parameter, the x label
+                metric: str,  # the y label
+                title: str,  # the title
+                ):
+    "One model's ablation: score against the studied value (numbers on a log axis), error bars over seeds."
+    values = list(lines)
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    x = values if numeric else list(range(len(values)))
+    y = [lines[v]["y"][0] for v in values]
+    several = any(lines[v]["n_seeds"][0] > 1 for v in values)
+    size = lines[values[0]]["sizes"][0]
+    ax.errorbar(x, y, yerr=[lines[v]["yerr"][0] for v in values] if several else None, marker="o", capsize=3,
+                label=f"{size} ({lines[values[0]]['x'][0] / 1e6:.1f}M parameters)")
+    if numeric:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(x, [labels[v] for v in values])
+    ax.set_xlabel(vary.replace("_", " "))
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
 
 
 def plot_prompt_length(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results store (must exist)
                        out_dir: str | os.PathLike | None = DEFAULT_FIGURES,  # where `prompt_length.{png,svg}` go; None: not saved
                        metric: str = "accuracy",  # the metric to plot
                        task: Optional[str] = None,  # one task, or None for the mean over tasks
-                       experiment: str | Sequence[str] | None = "scale",  # the experiment(s) whose rows count; None: all
+                       experiment: str | Sequence[str] | None = ("scale", "ablations"),  # the experiment(s) whose rows count; None: all
                        split: str = "validation",  # the evaluation split
                        lengths: Optional[Sequence[int]] = PROMPT_LENGTHS,  # the lengths to draw; None: all found
                        fixed: Optional[Mapping] = None,  # other parameter values to require, e.g. `{"init": "class_label"}`
@@ -197,7 +230,7 @@ def plot_init(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results 
               out_dir: str | os.PathLike | None = DEFAULT_FIGURES,  # where `init.{png,svg}` go; None: not saved
               metric: str = "accuracy",  # the metric to plot
               task: Optional[str] = None,  # one task, or None for the mean over tasks
-              experiment: str | Sequence[str] | None = "scale",  # the experiment(s) whose rows count; None: all
+              experiment: str | Sequence[str] | None = ("scale", "ablations"),  # the experiment(s) whose rows count; None: all
               split: str = "validation",  # the evaluation split
               inits: Optional[Sequence[str]] = tuple(INITS),  # the initializations to draw; None: all found
               fixed: Optional[Mapping] = None,  # other parameter values to require, e.g. `{"prompt_length": 100}`
