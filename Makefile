@@ -35,6 +35,11 @@ pretrain: install
 
 test: install export-check nbtest pytest
 
+# The notebooks and the tests compile many of the same XLA programs (the same models, steps and evaluators):
+# one persistent compilation cache for the whole run lets each be compiled once. It starts empty in a clone.
+nbtest pytest: export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/build/jax_cache
+nbtest pytest: export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS := 1
+
 export-check:
 	$(BIN)/nbdev_export
 	@if [ -n "$$(git status --porcelain -- prompt_tuning_nb)" ]; then \

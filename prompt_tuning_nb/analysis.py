@@ -107,7 +107,12 @@ def score_lines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`
 # %% ../nbs/50a_analysis.ipynb #3a2e4f08
 RECYCLER_METHODS = ("v2v-nn", "v2v-lin", "lin-comb")
 BASELINES = ("zero_shot", "random_prompt")
-_NOT_RECYCLERS = (*BASELINES, "prompt_tuning", "model_tuning", "prompt_design")
+_NOT_RECYCLERS = (*BASELINES, "unchanged_prompt", "prompt_tuning", "model_tuning", "prompt_design")
+
+
+def _mean_of(details, name):
+    found = [d[name] for d in details if d[name] is not None]
+    return float(np.mean(found)) if found else None
 
 
 def recycling_table(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the results store (must exist)
@@ -115,24 +120,28 @@ def recycling_table(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the re
                     experiment: str | Sequence[str] | None = "recycling",  # the experiment(s) whose rows count; None: all
                     split: str = "validation",  # the evaluation split
                     ) -> tuple[list[dict], list[dict]]:
-    "`(table, details)`: per recycler, its success rate over the prompts with baselines; per prompt, the comparison."
+    "`(table, details)`: per recycler, its success rate and score beside the baselines'; per prompt, the comparison."
     store = open_store(db)
     rows = [row for row in store.rows(experiment=experiment, split=split) if value(row, metric) is not None]
-    baseline = {}
-    for method in BASELINES:
-        for point, score in mean_by([r for r in rows if r["method"] == method], lambda r: (r["size"], r["task"]),
-                                     metric).items():
-            baseline[point] = max(score, baseline.get(point, -np.inf))
-    direct = mean_by([r for r in rows if r["method"] == "prompt_tuning"], lambda r: (r["size"], r["task"]), metric)
+    point_of = lambda r: (r["size"], r["task"])
+    scores = {method: mean_by([r for r in rows if r["method"] == method], point_of, metric)
+              for method in (*BASELINES, "prompt_tuning")}
+    unchanged = {(r["params"].get("source"), r["size"], r["task"], r["seed"]): value(r, metric)
+                 for r in rows if r["method"] == "unchanged_prompt"}
     details = []
     for row in rows:
         if row["method"] in _NOT_RECYCLERS:
             continue
-        point, score = (row["size"], row["task"]), value(row, metric)
-        details.append({"recycler": row["method"], "source": row["params"].get("source"), "target": row["size"],
-                        "task": row["task"], "seed": row["seed"], "score": score, "baseline": baseline.get(point),
-                        "success": score > baseline[point] if point in baseline else None,
-                        "gap_to_trained": score - direct[point] if point in direct else None})
+        point, score, source = point_of(row), value(row, metric), row["params"].get("source")
+        found = [scores[method][point] for method in BASELINES if point in scores[method]]
+        same = unchanged.get((source, row["size"], row["task"], row["seed"]))
+        trained = scores["prompt_tuning"].get(point)
+        details.append({"recycler": row["method"], "source": source, "target": row["size"], "task": row["task"],
+                        "seed": row["seed"], "score": score, "baseline": max(found) if found else None,
+                        "success": score > max(found) if found else None,
+                        **{method: scores[method].get(point) for method in BASELINES},
+                        "unchanged": same, "beats_unchanged": None if same is None else score > same,
+                        "trained": trained, "gap_to_trained": None if trained is None else score - trained})
     if not details:
         raise MissingResults(f"no recycled-prompt rows with {metric!r} in experiment {experiment!r} of {store.path}")
     found = {d["recycler"] for d in details}
@@ -140,11 +149,13 @@ def recycling_table(db: str | os.PathLike | ResultsStore = DEFAULT_DB,  # the re
     for recycler in [*[r for r in RECYCLER_METHODS if r in found], *sorted(found - set(RECYCLER_METHODS))]:
         mine = [d for d in details if d["recycler"] == recycler]
         judged = [d["success"] for d in mine if d["success"] is not None]
-        gaps = [d["gap_to_trained"] for d in mine if d["gap_to_trained"] is not None]
+        versus = [d["beats_unchanged"] for d in mine if d["beats_unchanged"] is not None]
         table.append({"recycler": recycler, "prompts": len(mine), "judged": len(judged), "successes": sum(judged),
                       "success_rate": sum(judged) / len(judged) if judged else None,
                       "mean_score": float(np.mean([d["score"] for d in mine])),
-                      "mean_gap_to_trained": float(np.mean(gaps)) if gaps else None})
+                      **{method: _mean_of(mine, method) for method in (*BASELINES, "unchanged", "trained")},
+                      "beats_unchanged": sum(versus) / len(versus) if versus else None,
+                      "mean_gap_to_trained": _mean_of(mine, "gap_to_trained")})
     return table, details
 
 

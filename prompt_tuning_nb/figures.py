@@ -189,19 +189,20 @@ def draw_values(ax,  # a matplotlib Axes
                 metric: str,  # the y label
                 title: str,  # the title
                 ):
-    "One model's ablation: score against the studied value (numbers on a log axis), error bars over seeds."
+    "One model's ablation: score against the studied value (numbers on a log axis), error bars over seeds (±1 std)."
     values = list(lines)
     numeric = all(isinstance(v, (int, float)) for v in values)
     x = values if numeric else list(range(len(values)))
     y = [lines[v]["y"][0] for v in values]
     several = any(lines[v]["n_seeds"][0] > 1 for v in values)
     size = lines[values[0]]["sizes"][0]
+    spread = "; bars: ±1 std over seeds" if several else ""
     ax.errorbar(x, y, yerr=[lines[v]["yerr"][0] for v in values] if several else None, marker="o", capsize=3,
-                label=f"{size} ({lines[values[0]]['x'][0] / 1e6:.1f}M parameters)")
+                label=f"{size} ({lines[values[0]]['x'][0] / 1e6:.1f}M parameters){spread}")
     if numeric:
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(x, [labels[v] for v in values])
+    ax.set_xticks(x, [str(v) if numeric else labels[v] for v in values])
     ax.set_xlabel(vary.replace("_", " "))
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)

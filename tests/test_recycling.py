@@ -140,3 +140,33 @@ def test_recycle_function_with_a_word_list_file(tmp_path):
                                num_words=150, word_offset=20, filtered_word=tmp_path / "words.json")
     np.testing.assert_allclose(recycled, PROMPT_PxHs @ MAP_HsxHt, atol=1e-4)
     assert fitted.widths == (16, 12)
+
+
+@pytest.mark.slow
+def test_unchanged_prompt_rows_score_each_source_prompt_on_the_other_model(tmp_path, monkeypatch):
+    """`run_recycling` measures the identity, the source's prompt used as it is, on a target whose embedding table has
+    the same shape: two random `mini_xs` stand in for a model and its update (the smoke run of the notebook checks
+    that models of different widths get no such rows)."""
+    from prompt_tuning_nb import models
+    from prompt_tuning_nb.experiment import load_task
+    from prompt_tuning_nb.recycling import experiment as recycling
+
+    from conftest import read_run
+
+    random_models = {"mini_xs": models.load_model("mini_xs", seed=0), "mini_xs@seed1": models.load_model("mini_xs", seed=1)}
+    monkeypatch.setattr(recycling, "load_model",  # the run's zoo models, as random presets
+                        lambda size, zoo_recipe=None, progress=True: random_models[recycling.model_name(size, zoo_recipe.seed)])
+    settings = recycling.check_recycling_settings("mini_xs,mini_xs@seed1", "rt_polarity", "v2v-lin", steps=2,
+                                                  eval_every=2, batch_size=4, inputs_length=32, max_eval_examples=16,
+                                                  prompt_length=3, num_words=200, word_offset=10,
+                                                  results_db=tmp_path / "r.sqlite", out_dir=tmp_path / "out")
+    rows = recycling.run_recycling(settings, progress=False)
+    unchanged = {(r["params"]["source"], r["size"], r["split"]): r for r in rows if r["method"] == "unchanged_prompt"}
+    assert len(unchanged) == 4
+    data = load_task("rt_polarity", random_models["mini_xs"].vocabulary, settings.training)
+    for source, target in (("mini_xs", "mini_xs@seed1"), ("mini_xs@seed1", "mini_xs")):
+        run = read_run(tmp_path / "out" / f"{source}-rt_polarity-prompt_tuning-seed0", 2, 2)
+        expected = recycling.evaluate_prompt(random_models[target].config, random_models[target].params,
+                                             run.prompts[run.best_step], data)
+        for split in ("validation", "test"):
+            assert unchanged[source, target, split]["metrics"] == pytest.approx(expected[split], abs=1e-6)

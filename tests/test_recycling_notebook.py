@@ -35,7 +35,8 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
     by_method = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
-    assert set(by_method) == {"prompt_tuning", "zero_shot", "random_prompt", *RECYCLERS}
+    assert set(by_method) == {"prompt_tuning", "zero_shot", "random_prompt", *RECYCLERS}  # no unchanged_prompt:
+    # the two models' embedding tables differ in width (test_recycling.py measures one)
     for method in ("prompt_tuning", "zero_shot", "random_prompt"):  # one per model, (validation, test)
         assert {row["size"] for row in by_method[method]} == set(MODELS) and len(by_method[method]) == 2 * 2
     for recycler in RECYCLERS:  # each model's prompt recycled to the other
@@ -98,7 +99,7 @@ def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_sto
     ({"tasks": "rt_polarity,imdb"}, "parameter tasks='imdb'"),
     ({"steps": 0}, "parameter steps=0"),
     ({"recyclers": "v2v-lin,v2v-rnn"}, "parameter recyclers='v2v-rnn'"),
-    ({"word_offset": 3000}, "the filtered vocabulary has 5999 words"),
+    ({"word_offset": 27000}, "the filtered vocabulary has 30570 words"),  # SmolLM2's, the default models'
     ({"out_dir": "/proc/not_writable"}, "parameter out_dir='/proc/not_writable'"),
 ])
 def test_bad_parameters_are_refused_with_one_line_errors(assert_settings_refuse, parameters, message):

@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['RECYCLERS', 'LinComb', 'Recycler', 'RecyclingError', 'V2VLin', 'V2VNN', 'check_shared_vocabulary', 'fit_recycler',
            'load_recycler', 'make_recycler', 'save_recycler', 'load_word_list', 'select_word_ids',
-           'sentencepiece_words', 'word_list_overlap', 'load_embeddings', 'recycle', 'word_ids_for']
+           'sentencepiece_words', 'bpe_words', 'vocabulary_words', 'word_list_overlap', 'load_embeddings', 'recycle',
+           'word_ids_for']
 
 # %% ../../nbs/40_recycling.ipynb #15ef4eff
 from .recyclers import (RECYCLERS, LinComb, Recycler, RecyclingError, V2VLin, V2VNN,
                                                   check_shared_vocabulary, fit_recycler, load_recycler, make_recycler,
                                                   save_recycler)
-from .vocab_filter import (load_word_list, select_word_ids, sentencepiece_words,
-                                                     word_list_overlap)
+from .vocab_filter import (bpe_words, load_word_list, select_word_ids, sentencepiece_words,
+                                                     vocabulary_words, word_list_overlap)
 
 # %% ../../nbs/40_recycling.ipynb #e7f84dac
 _LAZY = {"load_embeddings", "recycle", "word_ids_for"}  # from run_recycle, imported on first use
@@ -27,4 +28,5 @@ def __getattr__(name):
 
 _all_ = ["RECYCLERS", "LinComb", "Recycler", "RecyclingError", "V2VLin", "V2VNN", "check_shared_vocabulary",
          "fit_recycler", "load_recycler", "make_recycler", "save_recycler", "load_word_list", "select_word_ids",
-         "sentencepiece_words", "word_list_overlap", "load_embeddings", "recycle", "word_ids_for"]
+         "sentencepiece_words", "bpe_words", "vocabulary_words", "word_list_overlap", "load_embeddings", "recycle",
+         "word_ids_for"]

@@ -21,7 +21,7 @@ from ..formats.tree import CheckpointError
 from .recyclers import (RECYCLER_ALIASES, RECYCLERS, RecyclingError, as_table,
                                                   check_prompt_width, check_shared_vocabulary, fit_recycler,
                                                   save_recycler)
-from .vocab_filter import load_word_list, select_word_ids, sentencepiece_words
+from .vocab_filter import load_word_list, select_word_ids, vocabulary_words
 
 _log = logging.getLogger(__name__)
 
@@ -131,15 +131,15 @@ def word_ids_for(rows: int,  # rows of the models' embedding tables
                  num_words: int = 4000,  # words to fit on
                  word_offset: int = 1000,  # most frequent words skipped
                  filtered_word: str | os.PathLike | None = None,  # a JSON word list (id -> word), e.g. the paper's
-                 vocab=None,  # a SentencePiece model (path, bytes, processor or seqio vocabulary); None: the project's
-                 min_word_length: int = 3,  # for the SentencePiece filter
+                 vocab=None,  # SentencePiece (path, bytes, processor or seqio vocabulary) or byte-level BPE; None: the project's
+                 min_word_length: int = 3,  # for the vocabulary's whole-word filter (`vocabulary_words`)
                  ) -> np.ndarray:
-    "The vocabulary ids to fit the recycler on, from a word list file or a SentencePiece filter."
+    "The vocabulary ids to fit the recycler on, from a word list file or the vocabulary's whole-word filter."
     if filtered_word is not None:
         words = load_word_list(filtered_word)
     else:
         model = _default_vocab(rows) if vocab is None else vocab
-        words = sentencepiece_words(model, min_length=min_word_length)
+        words = vocabulary_words(model, min_length=min_word_length)
         if words and max(words) >= rows:
             raise RecyclingError(f"the vocabulary has pieces up to id {max(words)} but the embedding tables have {rows} "
                                  "rows; expected the vocabulary of these models")
