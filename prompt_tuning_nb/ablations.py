@@ -68,8 +68,7 @@ def check_ablation_settings(size,  # as in `experiment.check_settings`: a packag
         members = (-1,)
     if len(members) in (1, 2) or len(set(members)) < len(members) or any(s < 0 for s in members):
         raise parameter_error("ensemble_seeds", ensemble_seeds, "none, or at least 3 distinct non-negative seeds")
-    checked = check_settings(size, ("prompt_tuning",), tasks, out_dir=out_dir, smoke=smoke, seeds_name="seeds",
-                             **training)
+    checked = check_settings(size, ("prompt_tuning",), tasks, out_dir=out_dir, smoke=smoke, **training)
     return AblationSettings(checked, lengths, chosen, members)
 
 # %% ../nbs/26a_ablations.ipynb #1d3222b5

@@ -149,13 +149,12 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
                    model_learning_rate=None, eval_every=50, inputs_length=64, max_eval_examples=None, seeds=(0,),
                    from_scratch=False, results_db="experiments/results.sqlite", out_dir="experiments/out/scale",
                    zoo_recipe=None, shots=1, smoke=False,
-                   seeds_name="seed",  # what the calling notebook calls `seeds` (for error messages)
                    ) -> ScaleSettings:
     "Every parameter of a scale run checked, with a one-line error naming the first bad one."
     if smoke:
         return check_settings(methods=methods, tasks=tasks, checkpoint_dir=checkpoint_dir, vocabulary=vocabulary,
                               init=init, learning_rate=learning_rate, model_learning_rate=model_learning_rate,
-                              results_db=results_db, out_dir=out_dir, seeds_name=seeds_name, **SMOKE)
+                              results_db=results_db, out_dir=out_dir, **SMOKE)
     sizes = {"mini": LADDER, "default": default_sizes()}.get(size) or parse_names(size)
     for s in sizes:
         if s in LM_SIZES:
@@ -170,7 +169,7 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
     try:
         seeds = tuple(int(s) for s in (parse_names(seeds) if isinstance(seeds, str) else _as_tuple(seeds)))
     except (TypeError, ValueError):
-        raise parameter_error(seeds_name, seeds, "an integer or comma-separated integers") from None
+        raise parameter_error("seeds", seeds, "an integer or comma-separated integers") from None
     for m in methods:
         if m not in SCALE_METHODS:
             raise parameter_error("methods", m, f"one of {', '.join(SCALE_METHODS)}")
@@ -188,7 +187,7 @@ def check_settings(size, methods, tasks, *, checkpoint_dir=DEFAULT_CHECKPOINT, v
     if not methods:
         raise parameter_error("methods", methods, "at least one method")
     if not seeds:
-        raise parameter_error(seeds_name, seeds, "at least one seed")
+        raise parameter_error("seeds", seeds, "at least one seed")
     _check_writable("out_dir", out_dir)
     _check_writable("results_db", Path(results_db).parent)
     return ScaleSettings(sizes, methods, tasks, checkpoint_dir, vocabulary, prompt_length, init, steps, batch_size,

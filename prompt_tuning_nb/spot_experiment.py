@@ -53,7 +53,7 @@ def check_spot_settings(size,  # as in `experiment.check_settings`: "mini" (the 
     if measure not in spot.MEASURES:
         raise parameter_error("measure", measure, f"one of {', '.join(spot.MEASURES)}")
     checked = check_settings(size, ("prompt_tuning", "model_tuning"), sources + targets, out_dir=out_dir,
-                             smoke=smoke, seeds_name="seeds", **training)
+                             smoke=smoke, **training)
     return SpotSettings(checked, sources, targets, measure)
 
 # %% ../nbs/31_spot_experiment.ipynb #f93c51e9

@@ -121,6 +121,10 @@ def test_bad_paths_are_one_line_errors_and_write_nothing(tmp_path, figures):
     assert "\n" not in str(error.value)
 
 
+MAJORITY = {"movie_polarity": 0.52, "spam": 0.87, "trec": 0.23}  # each task's majority-class accuracy, as stored
+CHANCE = {"movie_polarity": 0.5, "spam": 0.5, "trec": 1 / 6}
+
+
 def _known_store(path: Path) -> tuple:
     """A store of random scores, and the expected points computed here from the rows written (not read back)."""
     rng = np.random.default_rng(0)
@@ -132,14 +136,19 @@ def _known_store(path: Path) -> tuple:
             per_seed = []
             for seed in range(seeds):
                 scores = rng.uniform(0.4, 0.95, size=3)
-                per_seed.append(scores.mean())
+                per_seed.append(scores)
                 rows += [_row(size=size, num_params=n, method=method, task=task, seed=seed, params=extra,
-                              metrics={"accuracy": float(score), "auc": float(1 - score)})
-                         for task, score in zip(("movie_polarity", "spam", "trec"), scores)]
-            expected.setdefault(method, []).append((n, np.mean(per_seed), np.std(per_seed, ddof=1) if seeds > 1 else 0))
+                              metrics={"accuracy": float(score), "auc": float(1 - score), "majority_accuracy": MAJORITY[task],
+                                       "chance_accuracy": CHANCE[task], "examples": 200})
+                         for task, score in zip(MAJORITY, scores)]
+            per_seed = np.array(per_seed)  # [seed, task]
+            means = per_seed.mean(axis=1)
+            expected.setdefault(method, []).append((n, means.mean(), means.min(), means.max()))
+            for t, task in enumerate(MAJORITY):
+                expected.setdefault((method, task), []).append(per_seed[:, t].mean())
     for length in (1, 20, 150):  # an ablation on the same store: it must not change Figure 1
         for size, n in sizes.items():
-            for task in ("movie_polarity", "spam", "trec"):
+            for task in MAJORITY:
                 score = float(rng.uniform(0.4, 0.95))
                 rows.append(_row(size=size, num_params=n, task=task, params={"prompt_length": length, "init": "class_label"},
                                  metrics={"accuracy": score}))
@@ -152,31 +161,47 @@ def _known_store(path: Path) -> tuple:
 def test_figure_points_are_the_stores_numbers(tmp_path, figures):
     store, expected = _known_store(tmp_path / "results.sqlite")
     fig, data = figures.plot_scale(tmp_path / "results.sqlite", tmp_path / "figures")
-    ax = fig.axes[0]
+    assert list(data["panels"]) == [*MAJORITY, "mean"]  # a panel per task, the mean as an extra one
+    ax = fig.axes[3]  # the mean panel
+    assert ax.get_title() == "mean over 3 tasks (movie_polarity, spam, trec)"
     drawn = {container.get_label(): container for container in ax.containers}
     for method, points in ((m, expected[m]) for m in ("model_tuning", "prompt_tuning", "prompt_design")):
-        x, y, spread = map(list, zip(*points))
+        x, y, low, high = map(list, zip(*points))
         line = drawn[figures.METHODS[method]].lines[0]  # the Line2D of the errorbar container
         np.testing.assert_allclose(np.asarray(line.get_xdata(), dtype=float), x)  # errorbar keeps object arrays
         np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), y, rtol=1e-12)
-        np.testing.assert_allclose(data["lines"][method]["yerr"], spread, rtol=1e-12)
-        if method != "prompt_design":  # error bars: segments from y - std to y + std
+        np.testing.assert_allclose([data["lines"][method]["low"], data["lines"][method]["high"]], [low, high], rtol=1e-12)
+        if method != "prompt_design":  # error bars: from the lowest seed's mean to the highest's
             segments = drawn[figures.METHODS[method]].lines[2][0].get_segments()
-            np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments], 2 * np.array(spread), rtol=1e-9)
+            np.testing.assert_allclose([[s[0][1], s[1][1]] for s in segments], np.transpose([low, high]), rtol=1e-9)
         else:
             assert drawn[figures.METHODS[method]].has_yerr is False
+        for t, task in enumerate(MAJORITY):  # each task's own panel: the mean over seeds of that task's scores
+            np.testing.assert_allclose(data["panels"][task]["lines"][method]["y"], expected[method, task], rtol=1e-12)
+    assert ax.get_legend().get_title().get_text() == "bars: lowest to highest seed"
+    for task, panel_ax in zip(MAJORITY, fig.axes):
+        assert data["panels"][task]["baselines"] == pytest.approx({"majority": MAJORITY[task], "chance": CHANCE[task]})
+        assert panel_ax.get_ylim()[0] < CHANCE[task]  # the axis includes the chance line
+    mean_baselines = {"majority": np.mean(list(MAJORITY.values())), "chance": np.mean(list(CHANCE.values()))}
+    assert data["baselines"] == pytest.approx(mean_baselines)
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f"majority class: {mean_baselines['majority']:.3f}" in legend and "uniform chance: 0.389" in legend
+    assert ax.get_ylim()[0] < mean_baselines["chance"]
+    assert data["caption"].endswith("validation accuracy, 200 examples per task, 10 training steps")
     assert ax.get_xscale() == "log"
     assert {p.name for p in data["files"]} == {"scale.png", "scale.svg"}
-    assert (tmp_path / "figures" / "scale.svg").read_text().lstrip().startswith("<?xml")
+    svg = (tmp_path / "figures" / "scale.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and f"<title>{data['caption']}</title>" in svg
 
-    fig, data = figures.plot_scale(store, None, metric="auc")  # another metric, same rows
-    np.testing.assert_allclose(data["lines"]["model_tuning"]["y"], [1 - y for _, y, _ in expected["model_tuning"]])
+    fig, data = figures.plot_scale(store, None, metric="auc")  # another metric, same rows, no stored baselines
+    np.testing.assert_allclose(data["lines"]["model_tuning"]["y"], [1 - y for _, y, _, _ in expected["model_tuning"]])
+    assert data["baselines"] == {}
 
     fig, data = figures.plot_prompt_length(store, None)
     assert list(data["lines"]) == [1, 20, 100, 150]
     for length in (1, 20, 150):
         np.testing.assert_allclose(data["lines"][length]["y"], [np.mean(v) for v in expected[length].values()])
-    np.testing.assert_allclose(data["lines"][100]["y"], [y for _, y, _ in expected["prompt_tuning"]])
+    np.testing.assert_allclose(data["lines"][100]["y"], [y for _, y, _, _ in expected["prompt_tuning"]])
     with pytest.raises(analysis.MissingResults, match="init ablation"):
         figures.plot_init(store, None)  # one init only
 
@@ -194,7 +219,11 @@ def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
         mine = [r for r in rows if r["method"] == recycler]
         rate = np.mean([r["metrics"]["accuracy"] > baseline[r["size"], r["task"]] for r in mine])
         assert bar.get_height() == pytest.approx(rate)
-    assert (tmp_path / "figures" / "recycling.md").read_text().startswith("| recycler |")
+    table = (tmp_path / "figures" / "recycling.md").read_text()
+    assert table.startswith("| recycler |")  # the baselines' numbers beside each success rate
+    assert "| success_rate |" in table and "| zero_shot | random_prompt | unchanged | trained |" in table
+    assert "| v2v-lin | 12 | 12 | 4 | 0.333 | 0.520 | 0.500 | 0.520 |  | 0.800 |" in table
+    assert data["caption"] == "Prompt recycling: validation accuracy, 200 examples per task, 100 training steps"
 
 
 def _execute(tmp_path: Path, results_db: Path, out_dir: Path) -> dict:

@@ -54,6 +54,13 @@ def test_smoke_run_writes_rows_and_the_figure(tmp_path, run_experiment, eval_dat
                 designed = (designed_inputs(vocab, text, inputs), labels)
                 scores = score_prompt(config, params, None, designed, data.candidates)
                 assert row["metrics"] == pytest.approx(scores, abs=1e-6)
+        for split, (_, labels) in (("validation", data.validation), ("test", data.test)):
+            for method in runs:  # the split's own baselines, stored with every row for the figures
+                metrics = runs[method][split]["metrics"]
+                assert metrics["majority_accuracy"] == pytest.approx(np.bincount(labels).max() / len(labels))
+                assert (metrics["chance_accuracy"], metrics["examples"]) == (pytest.approx(1 / len(data.label_words)), len(labels))
+    caption = f"test accuracy, {len(data.test[1])} examples per task, {SMOKE['steps']} training steps"
+    assert f"<title>Model tuning, prompt tuning and prompt design: {caption}</title>" in (out / "scale.svg").read_text()
 
 
 def test_bad_parameters_stop_the_notebook_in_its_settings_cell_and_leave_the_store(assert_stops_at_settings):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import prompt_tuning_nb
-from prompt_tuning_nb import figures, spot
+from prompt_tuning_nb import plotting, spot
 from prompt_tuning_nb.formats.prompt_files import (load_prompt, save_npy_prompt, save_peft_prompt,
                                                    save_t5x_numpy_prompt)
 from prompt_tuning_nb.prompts import Prompt
@@ -212,7 +212,7 @@ def test_transfer_gain_matrix_and_heatmaps():
     prompts = random_prompts(["t1", "t2", "s1", "s2"])
     similarity = spot.similarity_matrix(prompts)
     similarity[0, 1] = similarity[1, 0] = np.nan  # a pair not measured
-    fig = figures.plot_similarity_and_gains(similarity, list(prompts), gains, ["t1", "t2"], ["s1", "s2"])
+    fig = plotting.plot_similarity_and_gains(similarity, list(prompts), gains, ["t1", "t2"], ["s1", "s2"])
     assert len(fig.axes) == 4
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["t1", "t2"]
     fig.savefig(io.BytesIO(), format="png")  # draws every artist

@@ -113,7 +113,7 @@ def check_recycling_settings(models="mini_xs,mini_xs@seed1,mini_s",  # model nam
     sizes = ",".join(dict.fromkeys((continued_base(name) or parse_model(name))[0] for name in names))
     checked = experiment.check_settings(sizes, "prompt_tuning", tasks, prompt_length=prompt_length, steps=steps,
                                         seeds=seeds, max_eval_examples=max_eval_examples, results_db=results_db,
-                                        out_dir=out_dir, smoke=smoke, seeds_name="seeds", **training)
+                                        out_dir=out_dir, smoke=smoke, **training)
     recyclers = experiment.parse_names(recyclers)
     for name in recyclers:
         if name not in RECYCLERS:

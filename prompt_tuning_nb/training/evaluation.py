@@ -126,10 +126,12 @@ def binary_auc(margin_N: np.ndarray,  # a score that is higher for class 1
 def classification_metrics(scores_NxC: np.ndarray,  # a score per class (e.g. log-likelihoods)
                            labels_N: np.ndarray,  # true class ids in [0, C)
                            ) -> dict:
-    "`accuracy`, `macro_f1`, and `auc` for two classes."
+    "`accuracy`, `macro_f1`, `auc` for two classes, and the split's own baselines: `majority_accuracy` (always the most frequent class), `chance_accuracy` (a uniform guess, 1/C) and `examples` (N)."
     scores_NxC, labels_N = np.asarray(scores_NxC), np.asarray(labels_N)
     predictions_N = np.argmax(scores_NxC, axis=-1)
-    metrics = {"accuracy": float(np.mean(predictions_N == labels_N)), "macro_f1": class_macro_f1(predictions_N, labels_N)}
+    metrics = {"accuracy": float(np.mean(predictions_N == labels_N)), "macro_f1": class_macro_f1(predictions_N, labels_N),
+               "majority_accuracy": float(np.bincount(labels_N, minlength=scores_NxC.shape[1]).max() / len(labels_N)),
+               "chance_accuracy": 1.0 / scores_NxC.shape[1], "examples": len(labels_N)}
     if scores_NxC.shape[1] == 2:
         metrics["auc"] = binary_auc(scores_NxC[:, 1] - scores_NxC[:, 0], labels_N)
     return metrics
