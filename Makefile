@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv first.
+# Two entry points: `make demo` and `make test`; `make lab` to explore. Each builds .venv first.
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,10 +6,12 @@ PYTHON ?= python3
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo pretrain test export-check nbtest pytest clean
+.PHONY: install demo lab pretrain test export-check nbtest pytest clean
 
 # Install order matters: CPU torch first (a plain `torch` would pull a CUDA
 # build), then the locked set, then this package (editable, nothing new).
+# Last, the kernel spec `prompt_tuning_nb` inside .venv: the experiment notebooks
+# name it, so JupyterLab, papermill and the tests all run this environment's Python.
 $(BIN)/.installed: settings.ini setup.py requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==26.3
@@ -17,6 +19,7 @@ $(BIN)/.installed: settings.ini setup.py requirements-lock.txt
 	$(BIN)/pip install --quiet -r requirements-lock.txt
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
 	$(BIN)/pip check
+	$(BIN)/python -m ipykernel install --sys-prefix --name prompt_tuning_nb --display-name "Python (prompt_tuning_nb)"
 	touch $@
 
 install: $(BIN)/.installed
@@ -27,6 +30,13 @@ demo: install
 	$(BIN)/papermill experiments/scale.ipynb experiments/out/scale.ipynb --cwd . --log-output
 	$(BIN)/papermill experiments/figures.ipynb experiments/out/figures.ipynb --cwd .
 	@echo "Figure 1: experiments/figures/scale.png (this run: experiments/out/scale/scale.png)"
+
+# JupyterLab on this environment, at the repository root, on the loopback interface only; it prints its URL and token.
+# As root (a container, a cloud VM) Jupyter needs --allow-root.
+LAB_PORT ?= 8888
+lab: install
+	$(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	  --ServerApp.root_dir="$(CURDIR)" $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Build (or resume) the zoo; FACTOR=8 pretrains eight times longer, for hours.
 FACTOR ?= 1

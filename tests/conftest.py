@@ -34,7 +34,7 @@ def run_experiment(tmp_path):
     """`run(name, **parameters)`: execute `experiments/{name}.ipynb` through papermill from the repository root."""
     def run(name: str, **parameters):
         return papermill.execute_notebook(str(EXPERIMENTS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
-                                          kernel_name="python3", parameters=parameters, cwd=str(EXPERIMENTS.parent),
+                                          kernel_name="prompt_tuning_nb", parameters=parameters, cwd=str(EXPERIMENTS.parent),
                                           progress_bar=False)
     return run
 

@@ -229,10 +229,10 @@ def test_recycling_bars_are_the_stores_success_rates(tmp_path, figures):
 def _execute(tmp_path: Path, results_db: Path, out_dir: Path) -> dict:
     papermill = pytest.importorskip("papermill")
     from jupyter_client.kernelspec import KernelSpecManager
-    KernelSpecManager().get_kernel_spec("python3")  # shipped by ipykernel in the venv's share/jupyter
+    KernelSpecManager().get_kernel_spec("prompt_tuning_nb")  # registered in .venv by `make install`
     output = tmp_path / "figures_out.ipynb"
     try:
-        papermill.execute_notebook(str(REPO / "experiments" / "figures.ipynb"), str(output), kernel_name="python3",
+        papermill.execute_notebook(str(REPO / "experiments" / "figures.ipynb"), str(output), kernel_name="prompt_tuning_nb",
                                    parameters={"results_db": str(results_db), "out_dir": str(out_dir)},
                                    cwd=str(tmp_path), progress_bar=False)
     finally:

@@ -7,7 +7,8 @@ __all__ = ['Rule', 'make_optimizer', 'model_tuning_rules', 'pretraining_rules', 
            'trainable_paths', 'LossConfig', 'TrainState', 'init_train_state', 'loss_fn', 'make_train_step',
            'classification_evaluator', 'classification_metrics', 'decode', 'decoding_evaluator', 'infer',
            'loss_evaluator', 'predict', 'score_candidates', 'MetricsLog', 'RunCheckpoints', 'export_prompt',
-           'EarlyStopping', 'NonFiniteLossError', 'TrainResult', 'array_batches', 'train', 'MarkerTask']
+           'EarlyStopping', 'NonFiniteLossError', 'TrainResult', 'array_batches', 'train', 'MarkerTask', 'LiveCurves',
+           'plot_metrics_log']
 
 # %% ../../nbs/20_training.ipynb #1e3716c1
 from .optim import (
@@ -19,10 +20,12 @@ from prompt_tuning_nb.training.evaluation import (
 from .checkpointing import MetricsLog, RunCheckpoints, export_prompt
 from .loop import EarlyStopping, NonFiniteLossError, TrainResult, array_batches, train
 from .known_prompt import MarkerTask
+from .progress import LiveCurves, plot_metrics_log
 
 # %% ../../nbs/20_training.ipynb #49b84017
 _all_ = ["Rule", "make_optimizer", "model_tuning_rules", "pretraining_rules", "prompt_tuning_rules", "t5x_adafactor",
          "trainable_paths", "LossConfig", "TrainState", "init_train_state", "loss_fn", "make_train_step",
          "classification_evaluator", "classification_metrics", "decode", "decoding_evaluator", "infer",
          "loss_evaluator", "predict", "score_candidates", "MetricsLog", "RunCheckpoints", "export_prompt",
-         "EarlyStopping", "NonFiniteLossError", "TrainResult", "array_batches", "train", "MarkerTask"]
+         "EarlyStopping", "NonFiniteLossError", "TrainResult", "array_batches", "train", "MarkerTask",
+         "LiveCurves", "plot_metrics_log"]

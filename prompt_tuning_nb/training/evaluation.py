@@ -24,12 +24,14 @@ from ..data.tasks import target_texts, text_format_of
 from ..family import family_of, with_prompt
 from ..formats.atomic import atomic_write_text
 from ..prompts import select_prompts
+from .progress import progress_bar
 from .step import LossConfig, loss_fn
 
 # %% ../../nbs/20b_evaluation.ipynb #0ae38376
 def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` rows
             arrays: Sequence[np.ndarray],  # arrays with the same first dimension N
             batch_size: int,  # rows per call
+            progress: Optional[str] = None,  # a progress bar's label when there are several batches; None: no bar
             ) -> np.ndarray:
     "`fn` applied to consecutive batches of `arrays`, outputs concatenated to N rows (the last batch padded)."
     n = len(arrays[0])
@@ -38,12 +40,15 @@ def batched(fn: Callable,  # `fn(*arrays) -> array` on batches of `batch_size` r
     if n == 0:
         raise ValueError("nothing to evaluate: the arrays have no rows")
     outputs = []
+    bar = progress_bar(total=n, unit="example", desc=progress, leave=False, disable=progress is None or n <= batch_size)
     for start in range(0, n, batch_size):
         chunk = [np.asarray(a[start:start + batch_size]) for a in arrays]
         short = batch_size - len(chunk[0])
         if short:
             chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
         outputs.append(np.asarray(fn(*chunk))[:batch_size - short])
+        bar.update(batch_size - short)
+    bar.close()
     return np.concatenate(outputs)
 
 # %% ../../nbs/20b_evaluation.ipynb #28ff40ef
@@ -80,6 +85,7 @@ def score_candidates(config,  # the model
                      trim_multiple: int = 32,  # batch widths are multiples of this (each is one compiled shape)
                      prompts_KxPxD: Optional[np.ndarray] = None,  # K prompts, each input with its own; None: the prompt in `params`
                      prompt_ids_N: Optional[np.ndarray] = None,  # with `prompts_KxPxD`: the prompt of each input
+                     progress: Optional[str] = "scoring",  # the progress bar's label (shown for several batches); None: no bar
                      ) -> np.ndarray:
     "Log-likelihood `[N, C]` of each candidate given each input (rows scored shortest first, see above)."
     family = family_of(config)
@@ -95,7 +101,7 @@ def score_candidates(config,  # the model
         score = lambda x, *rest: _score_own_prompts(family, params, prompts_KxPxD, rest[-1], trim(x),
                                                     rest[0] if candidates.ndim == 3 else candidates,
                                                     placement=placement)
-    return batched(score, rows, batch_size)[np.argsort(order_N)]
+    return batched(score, rows, batch_size, progress)[np.argsort(order_N)]
 
 # %% ../../nbs/20b_evaluation.ipynb #86d414c0
 def class_macro_f1(predictions_N: np.ndarray,  # predicted class ids

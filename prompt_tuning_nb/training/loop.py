@@ -15,13 +15,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from .. import t5
 from .checkpointing import (MetricsLog, RunCheckpoints, export_prompt, fingerprint,
                                                      fingerprint_mismatch)
 from ..formats.tree import flatten_params, unflatten_params
 from .optim import Rule, trainable_paths
+from .progress import LiveCurves, in_jupyter_frontend, progress_bar
 from .step import LossConfig, TrainState, init_train_state, make_train_step
 
 # %% ../../nbs/20d_train.ipynb #3bdaa55e
@@ -131,7 +131,7 @@ class _Best:
 # %% ../../nbs/20d_train.ipynb #50934255
 class _Progress:
     def __init__(self, total: int, initial: int, enabled: bool, metric: Optional[str]):
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
         self.window, self.examples, self.metric, self.shown = [], 0, metric, {}
         self.started = time.perf_counter()
 
@@ -213,7 +213,8 @@ def train(config: t5.T5Config,  # the model
           log_every: int = 10,  # steps per train record in metrics.jsonl and per NaN check
           export_prompts: bool = True,  # write numpy_checkpoints/checkpoint_{step}/ at each checkpoint
           placement: Optional[Callable] = None,  # where the prompt goes; None for the model's default
-          progress: bool = True,  # show a tqdm bar with loss, metric and examples/s
+          progress: bool = True,  # show a progress bar with loss, metric and examples/s (a widget in JupyterLab)
+          live_curves: Optional[bool] = None,  # redraw loss and metric curves at each evaluation; None: in JupyterLab only
           mesh: Optional[Mesh] = None,  # shard the run over this `('data', 'model')` mesh (`sharding.make_mesh`)
           ) -> TrainResult:
     "Train `params` by `rules` for `train_steps`, resuming from `model_dir` if it holds a checkpoint of this run."
@@ -227,6 +228,13 @@ def train(config: t5.T5Config,  # the model
     opt_treedef = jax.tree.structure(state.opt_state)
     checkpoints = RunCheckpoints(model_dir / "checkpoints", keep_checkpoints)
     log = MetricsLog(model_dir / "metrics.jsonl")
+    curves = None  # live curves, made once the log holds what a resumed run did before
+
+    def log_record(entry: dict):  # one line of metrics.jsonl, and of the live curves
+        log.append(entry)
+        if curves is not None:
+            curves.add(entry)
+
     best = _Best(early_stopping)
     identity = {"seed": seed, "trainable_paths": names, "frozen_fingerprint": frozen_print}
 
@@ -248,7 +256,7 @@ def train(config: t5.T5Config,  # the model
 
     def evaluate_now(state, bar):
         metrics = evaluate(state.params)
-        log.append({"step": int(state.step), "split": "validation", **metrics})
+        log_record({"step": int(state.step), "split": "validation", **metrics})
         bar.show_metric(metrics)
         return best.update(int(state.step), metrics, trainable_of(state))
 
@@ -268,6 +276,8 @@ def train(config: t5.T5Config,  # the model
             stopped_early = record["stopped_early"]
             finished = stopped_early or latest >= train_steps
         log.truncate(-1 if latest is None else latest)
+        if progress and not finished and (in_jupyter_frontend() if live_curves is None else live_curves):
+            curves = LiveCurves(early_stopping.metric if early_stopping else "accuracy", log.records())
         start = int(state.step)
         bar = _Progress(train_steps, min(start, train_steps), progress and not finished,
                         early_stopping.metric if early_stopping else None)
@@ -286,7 +296,7 @@ def train(config: t5.T5Config,  # the model
             due_eval = evaluate is not None and (step % eval_every == 0 or step == train_steps)
             due_save = step % checkpoint_every == 0 or step == train_steps
             if step % log_every == 0 or due_eval or due_save:
-                log.append(bar.flush(checkpoints))
+                log_record(bar.flush(checkpoints))
             bar.pause()
             if due_eval:
                 stopped_early = evaluate_now(state, bar)
