@@ -18,7 +18,7 @@ from typing import Optional
 
 import jax
 
-from . import gin_glue
+from . import gin_glue, multihost
 from .training.loop import TrainResult
 
 _log = logging.getLogger(__name__)
@@ -52,16 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a gin file (repeatable), in order: models/, prompts/, models/sizes/, models/decoding/, runs/")
     parser.add_argument("--gin_bindings", action="append", default=[], help="a binding 'NAME = VALUE' (repeatable)")
     parser.add_argument("--multihost", action="store_true",
-                        help="call jax.distributed.initialize() first (TPU pod slices, multi-process clusters)")
+                        help="join the other processes first (jax.distributed.initialize): TPU pod slices detect "
+                             "the rest; other clusters give the three flags below")
+    parser.add_argument("--coordinator_address", default=None, help="with --multihost: process 0's host:port")
+    parser.add_argument("--num_processes", type=int, default=None, help="with --multihost: how many processes")
+    parser.add_argument("--process_id", type=int, default=None, help="with --multihost: this process, from 0")
+    parser.add_argument("--heartbeat_timeout_seconds", type=int, default=multihost.HEARTBEAT_SECONDS,
+                        help="with --multihost: seconds without news from a process before the others stop")
     parser.add_argument("--tfds_data_dir", default=None, help="TFDS data folder (GLUE / SuperGLUE tasks)")
     return parser
 
 # %% ../nbs/22a_train_cli.ipynb #9f9b8e4d
-def initialize_multihost() -> None:
-    "Call `jax.distributed.initialize()` unless this process already did; log the process and device counts."
-    if jax.distributed.is_initialized():
-        return
-    jax.distributed.initialize()
+def initialize_multihost(args: argparse.Namespace,  # the parsed flags
+                         ) -> None:
+    "Join the other processes (`multihost.initialize`, gloo collectives on CPU); log the process and device counts."
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout_seconds)
     _log.info("multi-host: process %d of %d, %d local and %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -92,8 +97,14 @@ def main(argv: Optional[list] = None,  # arguments without the program name; Non
     except ValueError as e:
         parser.exit(1, f"train: error: {e}\n")
     args = parser.parse_args(rest)
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.multihost and any(flag is not None for flag in cluster):
+        parser.exit(1, "train: error: --coordinator_address, --num_processes and --process_id need --multihost\n")
     if args.multihost:
-        initialize_multihost()
+        try:
+            initialize_multihost(args)
+        except ValueError as e:
+            parser.exit(1, f"train: error: {e}\n")
     if args.tfds_data_dir:
         import seqio
         seqio.set_tfds_data_dir_override(args.tfds_data_dir)
@@ -105,7 +116,8 @@ def main(argv: Optional[list] = None,  # arguments without the program name; Non
         parser.exit(1, f"train: error: {e}\n")
     except (ValueError, OSError, FloatingPointError) as e:
         parser.exit(1, f"train: error: {gin_glue.one_line_error(e)}\n")
-    print(summary(result), flush=True)
+    if multihost.is_writer():
+        print(summary(result), flush=True)
     return result
 
 # %% ../nbs/22a_train_cli.ipynb #0a56c2d9

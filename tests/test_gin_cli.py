@@ -104,6 +104,15 @@ def test_multihost_initializes_jax_distributed_once(monkeypatch):
     assert calls == [1]
 
 
+def test_multihost_flags_are_checked_in_one_line():
+    assert one_error_line(["--num_processes=2", MODEL]) == \
+        "train: error: --coordinator_address, --num_processes and --process_id need --multihost"
+    assert one_error_line(["--multihost", "--coordinator_address=127.0.0.1:1", "--num_processes=2", MODEL]) == \
+        "train: error: --coordinator_address, --num_processes and --process_id go together: --process_id missing"
+    assert one_error_line(["--multihost", "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2",
+                           MODEL]) == "train: error: --process_id must be in 0..1, got 2"
+
+
 @pytest.mark.slow
 def test_prompt_finetune_then_prompt_eval_end_to_end(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -20,9 +20,11 @@ import numpy as np
 
 from .. import family, prompts, t5
 from ..data import TASKS, get_vocabulary, target_texts, task_arrays, task_batches, task_info, text_format_of
+from ..data.batches import sharded_batches
 from ..formats.t5x import t5x_checkpoint_folder
 from ..formats.tree import CheckpointError
 from ..initializers import t5x_load
+from ..multihost import is_writer, process_shards, sync_processes
 from ..models import read_checkpoint
 from ..training.evaluation import (classification_evaluator, decoding_evaluator, label_candidates,
                                                   loss_evaluator)
@@ -117,14 +119,16 @@ def random_init_checkpoint(config: t5.T5Config,  # the gin MODEL
                            model_dir: str | os.PathLike,  # the run's MODEL_DIR
                            seed: int = 0,  # RANDOM_SEED
                            ) -> Path:
-    "`MODEL_DIR/checkpoint_0`: the random model of `seed` in its family's format (written once, then reused)."
+    "`MODEL_DIR/checkpoint_0`: the random model of `seed` in its family's format (written once by process 0, then reused)."
     folder = Path(model_dir).expanduser() / "checkpoint_0"
-    if folder.is_dir():
-        _log.info("INITIAL_CHECKPOINT_PATH is None: using the random model saved in %s", folder)
-        return folder
-    family.family_of(config).save_checkpoint(folder, model_params(config, None, seed=seed))
-    _log.info("saved the random model as %s: the run's INITIAL_CHECKPOINT_PATH (evaluate its prompts with "
-              "--gin.CHECKPOINT_PATH=\"'%s'\")", folder, folder)
+    if is_writer():
+        if folder.is_dir():
+            _log.info("INITIAL_CHECKPOINT_PATH is None: using the random model saved in %s", folder)
+        else:
+            family.family_of(config).save_checkpoint(folder, model_params(config, None, seed=seed))
+            _log.info("saved the random model as %s: the run's INITIAL_CHECKPOINT_PATH (evaluate its prompts with "
+                      "--gin.CHECKPOINT_PATH=\"'%s'\")", folder, folder)
+    sync_processes("random model saved")  # the other processes read it once it is whole
     return folder
 
 # %% ../../nbs/22b_gin_builders.ipynb #52267c24
@@ -133,10 +137,14 @@ def training_batches(task: str,  # MIXTURE_OR_TASK_NAME
                      batch_size: int,  # BATCH_SIZE
                      seed: int,  # RANDOM_SEED: the order of the examples
                      vocab=None,  # VOCABULARY
+                     data_shards: Optional[int] = None,  # DATA_SHARDS: the split dealt into shards; None: one per process
+                     mesh=None,  # the run's mesh, whose data axis the batch must divide over
                      ) -> Callable:
-    "`batches(step) -> iterator` of the train split's batches from `step` on, the same for the same seed."
+    "`batches(step) -> iterator` of this process's rows of the train split's batches from `step` on, the same for the same seed."
+    count, mine = process_shards(batch_size, data_shards, mesh)  # checked before anything trains
+
     def batches(step: int):
-        stream = task_batches(task, "train", batch_size, feature_lengths, seed=seed, vocab=vocab)
+        stream = sharded_batches(task, "train", batch_size, feature_lengths, seed, count, mine, vocab=vocab)
         return itertools.islice(stream, step, None)
     return batches
 

@@ -24,6 +24,7 @@ from ..ensembles import mixed_task_scores
 from ..formats.atomic import atomic_write_text
 from ..formats.t5x import save_t5x_checkpoint
 from .builders import PromptSpec, make_evaluator, model_params, prompt_rng, training_batches
+from ..multihost import host_tree, is_writer
 from ..training.evaluation import infer, label_candidates, write_jsonl
 from ..training.loop import TrainResult, train
 from ..training.step import LossConfig
@@ -57,7 +58,7 @@ def _mesh(num_partitions: Optional[int]):
 def _save_model_once(folder: Path, params: dict, step: int) -> Path:
     if (folder / "checkpoint").is_file():
         return folder
-    return save_t5x_checkpoint(folder, params, step=step)
+    return save_t5x_checkpoint(folder, host_tree(params), step=step)
 
 
 def run_train(model: t5.T5Config,  # MODEL
@@ -82,6 +83,7 @@ def run_train(model: t5.T5Config,  # MODEL
               save_model: bool = False,  # also save the trained model as T5X MODEL_DIR/checkpoint_{step}
               random_seed: int = 0,  # RANDOM_SEED: random model, prompt init, data order, dropout
               num_partitions: Optional[int] = None,  # devices on the mesh's model axis; None: no mesh
+              data_shards: Optional[int] = None,  # the train split dealt into shards; None: one per process
               log_every: int = 10,  # steps per train record in metrics.jsonl
               progress: bool = True,  # show the progress bar
               ) -> TrainResult:
@@ -100,15 +102,16 @@ def run_train(model: t5.T5Config,  # MODEL
                                             batch_size=batch_size, num_examples=eval_num_examples,
                                             eval_steps=eval_steps, placement=placement)
         stopping = dataclasses.replace(stopping, patience=patience)
-    mesh = _mesh(num_partitions)
-    result = train(model, params, rules, training_batches(mixture_or_task_name, task_feature_lengths, batch_size,
-                                                          random_seed, vocab),
+    mesh = _mesh(1 if num_partitions is None and jax.process_count() > 1 else num_partitions)  # processes need one
+    batches = training_batches(mixture_or_task_name, task_feature_lengths, batch_size, random_seed, vocab,
+                               data_shards=data_shards, mesh=mesh)
+    result = train(model, params, rules, batches,
                    model_dir=model_dir, train_steps=train_steps, seed=random_seed, loss=loss,
                    checkpoint_every=checkpoint_period, evaluate=evaluate,
                    eval_every=eval_period if evaluate is not None else None, early_stopping=stopping,
                    keep_checkpoints=keep_checkpoints, log_every=log_every, placement=placement, progress=progress,
                    **({} if mesh is None else {"mesh": mesh}))
-    if save_model:
+    if save_model and is_writer():
         folder = _save_model_once(Path(model_dir) / f"checkpoint_{result.step}", result.params, result.step)
         _log.info("saved the trained model as %s", folder)
         if result.best_step is not None and result.best_step != result.step:

@@ -17,6 +17,7 @@ import prompt_tuning_nb
 from .. import t5
 from ..formats.atomic import atomic_write_text
 from .builders import random_init_checkpoint
+from ..multihost import is_writer
 
 # %% ../../nbs/22d_gin_validation.ipynb #718871b5
 class GinConfigError(ValueError):
@@ -155,8 +156,9 @@ def launch(run: Callable,  # the run a runs/*.gin file configures, e.g. `@gin_gl
             folder = random_init_checkpoint(model, model_dir, random_seed)
             with gin.unlock_config():
                 gin.bind_parameter("INITIAL_CHECKPOINT_PATH/gin.macro.value", str(folder))
-        Path(model_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(model_dir) / "config.gin", gin.config_str())
+        if is_writer():  # one config.gin per run, however many processes
+            Path(model_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(model_dir) / "config.gin", gin.config_str())
     return run()
 
 

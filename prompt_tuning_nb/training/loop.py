@@ -21,6 +21,7 @@ from .checkpointing import (MetricsLog, RunCheckpoints, export_prompt, fingerpri
                                                      fingerprint_mismatch)
 from ..formats.tree import flatten_params, unflatten_params
 from .optim import Rule, trainable_paths
+from ..multihost import host_tree, is_writer
 from .progress import LiveCurves, in_jupyter_frontend, progress_bar
 from .step import LossConfig, TrainState, init_train_state, make_train_step
 
@@ -100,7 +101,7 @@ def _dotted(flat: dict) -> dict:
 
 
 def _host_copy(flat: dict) -> dict:
-    return {p: np.array(jax.device_get(v), copy=True) for p, v in flat.items()}
+    return {p: np.array(v, copy=True) for p, v in host_tree(flat).items()}
 
 
 @dataclasses.dataclass
@@ -230,8 +231,9 @@ def train(config: t5.T5Config,  # the model
     log = MetricsLog(model_dir / "metrics.jsonl")
     curves = None  # live curves, made once the log holds what a resumed run did before
 
-    def log_record(entry: dict):  # one line of metrics.jsonl, and of the live curves
-        log.append(entry)
+    def log_record(entry: dict):  # one line of metrics.jsonl (process 0 writes it), and of the live curves
+        if is_writer():
+            log.append(entry)
         if curves is not None:
             curves.add(entry)
 
@@ -251,11 +253,11 @@ def train(config: t5.T5Config,  # the model
         step = int(state.step)
         checkpoints.save(step, arrays_of(state), {**identity, **best.record(), "step": step, "finished": finished,
                                                   "stopped_early": stopped_early})
-        if export_prompts:
-            export_prompt(model_dir, step, config, state.params)
+        if export_prompts and is_writer():
+            export_prompt(model_dir, step, config, host_tree(state.params))
 
     def evaluate_now(state, bar):
-        metrics = evaluate(state.params)
+        metrics = evaluate(host_tree(state.params))  # every process evaluates the whole parameters
         log_record({"step": int(state.step), "split": "validation", **metrics})
         bar.show_metric(metrics)
         return best.update(int(state.step), metrics, trainable_of(state))
@@ -275,7 +277,8 @@ def train(config: t5.T5Config,  # the model
                 best.trainable = _host_copy({p.replace(".", "/"): v for p, v in arrays["best"].items()})
             stopped_early = record["stopped_early"]
             finished = stopped_early or latest >= train_steps
-        log.truncate(-1 if latest is None else latest)
+        if is_writer():
+            log.truncate(-1 if latest is None else latest)
         if progress and not finished and (in_jupyter_frontend() if live_curves is None else live_curves):
             curves = LiveCurves(early_stopping.metric if early_stopping else "accuracy", log.records())
         start = int(state.step)
@@ -312,7 +315,7 @@ def train(config: t5.T5Config,  # the model
     best_params = state.params
     if best.trainable is not None:
         best_params = unflatten_params({**flatten_params(state.params), **best.trainable})
-        if export_prompts:
-            export_prompt(model_dir, best.step, config, best_params)
+        if export_prompts and is_writer():
+            export_prompt(model_dir, best.step, config, host_tree(best_params))
     return TrainResult(params=state.params, best_params=best_params, step=int(state.step), best_step=best.step,
                        best_metrics=best.metrics, stopped_early=stopped_early, model_dir=model_dir)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .. import t5
 from ..family import family_of
 from ..formats.tree import flatten_params, unflatten_params
+from ..multihost import global_batch
 from ..sharding import batch_sharding, param_shardings, state_shardings
 from .optim import Rule, make_optimizer, trainable_paths
 
@@ -201,9 +202,11 @@ def make_train_step(config: t5.T5Config,  # the model (static)
         names, shardings, step_core = compiled[key]
         batch = family.model_batch(batch)
         if shardings is not None:
-            if len(batch["decoder_target_tokens"]) % mesh.shape["data"]:
-                raise ValueError(f"batch size {len(batch['decoder_target_tokens'])} does not divide over the mesh's "
-                                 f"{mesh.shape['data']} data shards")
+            rows = len(batch["decoder_target_tokens"]) * jax.process_count()  # the global batch
+            if rows % mesh.shape["data"]:
+                raise ValueError(f"batch size {rows} does not divide over the mesh's {mesh.shape['data']} data shards")
+            if jax.process_count() > 1:  # each process holds its rows; together they are the global batch
+                batch = global_batch(batch, batch_sharding(mesh))
             state = jax.device_put(state, shardings)  # a no-op once the state is on the mesh
         flat = flatten_params(state.params)
         trainable = {p: v for p, v in flat.items() if p in names}
