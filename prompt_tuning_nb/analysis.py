@@ -131,7 +131,7 @@ def split_baselines(rows: Sequence[Mapping],  # rows from `ResultsStore.rows`, o
 
 def _span(numbers) -> str:
     numbers = sorted(set(numbers))
-    return "?" if not numbers else f"{numbers[0]:g}" if len(numbers) == 1 else f"{numbers[0]:g}-{numbers[-1]:g}"
+    return f"{numbers[0]:g}" if len(numbers) == 1 else f"{numbers[0]:g}-{numbers[-1]:g}"
 
 
 def caption(rows: Sequence[Mapping],  # the rows behind a figure
@@ -142,7 +142,8 @@ def caption(rows: Sequence[Mapping],  # the rows behind a figure
     examples = [value(row, "examples") for row in rows if value(row, "examples") is not None]
     steps = [row["steps"] for row in rows if row["steps"]]
     trained = f"{_span(steps)} training steps" if steps else "no training"
-    return f"{split} {metric.replace('_', ' ')}, {_span(examples)} examples per task, {trained}"
+    counted = f"{_span(examples)} examples per task" if examples else "examples per task not stored"
+    return f"{split} {metric.replace('_', ' ')}, {counted}, {trained}"
 
 # %% ../nbs/50a_analysis.ipynb #3a2e4f08
 RECYCLER_METHODS = ("v2v-nn", "v2v-lin", "lin-comb")

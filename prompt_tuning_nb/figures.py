@@ -106,7 +106,7 @@ def _ablation(store: ResultsStore, vary: str, values: Optional[Sequence], line_o
     rows = [row for row in store.rows(experiment=experiment, method="prompt_tuning", task=task, split=split)
             if param_of(row, vary) is not None and (values is None or param_of(row, vary) in values)]
     kept, setting = one_setting(rows, vary=vary, fixed=fixed)
-    found = sorted({line_of(row) for row in kept}, key=str)
+    found = sorted({line_of(row) for row in kept})  # the values of one parameter: all numbers or all names
     panels = _panels(kept, line_of, metric, task, order=list(values) if values is not None else found)
     lines = list(panels.values())[-1]["lines"] if panels else {}
     if len(lines) < 2:
