@@ -147,13 +147,18 @@ def test_unchanged_prompt_rows_score_each_source_prompt_on_the_other_model(tmp_p
     """`run_recycling` measures the identity, the source's prompt used as it is, on a target whose embedding table has
     the same shape: two random `mini_xs` stand in for a model and its update (the smoke run of the notebook checks
     that models of different widths get no such rows)."""
-    from prompt_tuning_nb import models
+    import jax
+
+    from prompt_tuning_nb import models, t5
     from prompt_tuning_nb.experiment import load_task
     from prompt_tuning_nb.recycling import experiment as recycling
 
     from conftest import read_run
 
-    random_models = {"mini_xs": models.load_model("mini_xs", seed=0), "mini_xs@seed1": models.load_model("mini_xs", seed=1)}
+    config = t5.T5Config.from_preset("mini_xs", dtype="float32")  # `load_model("mini_xs")` would pretrain the zoo's
+    random_models = {name: models.LoadedModel(config, jax.device_get(t5.init_params(config, jax.random.key(seed))),
+                                              f"preset:mini_xs seed {seed}")
+                     for name, seed in (("mini_xs", 0), ("mini_xs@seed1", 1))}
     monkeypatch.setattr(recycling, "load_model",  # the run's zoo models, as random presets
                         lambda size, zoo_recipe=None, progress=True: random_models[recycling.model_name(size, zoo_recipe.seed)])
     settings = recycling.check_recycling_settings("mini_xs,mini_xs@seed1", "rt_polarity", "v2v-lin", steps=2,
@@ -170,3 +175,5 @@ def test_unchanged_prompt_rows_score_each_source_prompt_on_the_other_model(tmp_p
                                              run.prompts[run.best_step], data)
         for split in ("validation", "test"):
             assert unchanged[source, target, split]["metrics"] == pytest.approx(expected[split], abs=1e-6)
+    assert not np.array_equal(*(load_prompt(tmp_path / "out" / f"{name}-rt_polarity-prompt_tuning-seed0" / "numpy_checkpoints"
+                                            / "checkpoint_2" / "encoder.prompt.prompt.prompt") for name in random_models))

@@ -2,9 +2,10 @@
 command (`models/smollm2_135m_prompt.gin`, `prompts/from_class_labels.gin`, `runs/prompt_finetune.gin`), then
 `runs/prompt_eval.gin` on the exported prompt.
 
-The margin was measured before it was asserted: on the first 256 rt_polarity validation examples, the
-class-label prompt scores AUC 0.796 (accuracy 0.707) and, after 30 steps at batch 16 and learning rate 0.1, AUC
-0.865 (accuracy 0.738) on one machine and AUC 0.844 (accuracy 0.598, most answers " positive") on another, with
+The margin was measured before it was asserted. On the first 128 rt_polarity validation examples, the class-label
+prompt scores AUC 0.818 (accuracy 0.734) and, after 30 steps at batch 16 and learning rate 0.1, AUC 0.907 (accuracy
+0.789). On the first 256 (the test's size until the suite had to fit its time budget), AUC went from 0.796 to 0.865
+(accuracy 0.707 to 0.738) on one machine and to 0.844 (accuracy 0.598, most answers " positive") on another, with
 the same code and data: 30 steps from a prompt whose gradient norm starts at 150 amplify the machines'
 floating-point differences, and accuracy also moves with the label bias of the moment. The ranking (AUC) gains
 on both, so it is what the test asserts; the accuracy gain shows at more steps (`experiments/scale.ipynb`). The
@@ -26,8 +27,8 @@ from prompt_tuning_nb.interpretation import neighbour_table
 
 CONFIGS = "prompt_tuning_nb/configs"
 STEPS = 30
-EXAMPLES = 256
-AUC_MARGIN = 0.04  # gained over the class-label prompt it started from (measured: 0.069 and 0.048)
+EXAMPLES = 128
+AUC_MARGIN = 0.04  # gained over the class-label prompt it started from (measured: 0.089 on 128; 0.069 and 0.048 on 256)
 SETTINGS = ["TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 4}", "BATCH_SIZE = 16", "PROMPT_LENGTH = 20",
             f"EVALUATOR_NUM_EXAMPLES = {EXAMPLES}", "MIXTURE_OR_TASK_NAME = 'rt_polarity'"]
 
@@ -73,8 +74,8 @@ def test_the_scale_experiment_runs_every_method_on_smollm2(tmp_path):
     from prompt_tuning_nb.training.evaluation import classification_metrics, prepend_tokens, score_candidates
 
     settings = experiment.check_settings(
-        "smollm2_135m", "model_tuning,prompt_tuning,prompt_design,few_shot", "trec", prompt_length=4, steps=2,
-        batch_size=4, eval_every=2, inputs_length=32, max_eval_examples=24, out_dir=tmp_path / "out",
+        "smollm2_135m", "model_tuning,prompt_tuning,prompt_design,few_shot", "rt_polarity", prompt_length=4, steps=2,
+        batch_size=4, eval_every=2, inputs_length=32, max_eval_examples=8, out_dir=tmp_path / "out",
         results_db=tmp_path / "results.sqlite")
     rows = experiment.run_scale(settings, progress=False)
     test = {row["method"]: row for row in rows if row["split"] == "test"}
@@ -83,11 +84,11 @@ def test_the_scale_experiment_runs_every_method_on_smollm2(tmp_path):
     model = models.load_model("smollm2_135m")
     assert test["prompt_tuning"]["trainable_params"] == 4 * 576
     assert test["model_tuning"]["trainable_params"] == test["model_tuning"]["num_params"] == 134_515_008
-    data = experiment.load_task("trec", model.vocabulary, settings)  # few-shot, scored here without the experiment
-    context = model.vocabulary.encode(experiment.demonstrations("trec", model.vocabulary, 1, seed=0))
+    data = experiment.load_task("rt_polarity", model.vocabulary, settings)  # few-shot, scored without the experiment
+    context = model.vocabulary.encode(experiment.demonstrations("rt_polarity", model.vocabulary, 1, seed=0))
     scores = score_candidates(model.config, model.params, prepend_tokens(data.test[0], context), data.candidates,
                               batch_size=64)  # the experiment's batches: the same rows trimmed to the same widths
     assert test["few_shot"]["metrics"] == pytest.approx(classification_metrics(scores, data.test[1]), abs=1e-9)
-    assert len(context) > 6 * 8  # six solved questions and the instruction
+    assert len(context) > 2 * 8  # two solved reviews and the instruction
     assert not np.array_equal(scores, score_candidates(model.config, model.params, data.test[0], data.candidates,
                                                        batch_size=8))

@@ -214,6 +214,9 @@ def make_evaluator(evaluation: str,  # one of EVALUATIONS (the DECODING macro, o
         return (loss_evaluator(config, list(itertools.islice(stream, eval_steps)), placement=placement),
                 EarlyStopping("cross_entropy", "min"))
     data = classification_split(task, split, feature_lengths, vocab, num_examples)
+    examples, processes = len(data["labels"]), jax.process_count()
+    _log.info("%s %s: %d examples, %d scored by each process of %d", task, split, examples, -(-examples // processes),
+              processes)
     if evaluation == "rank_classification":
         return (classification_evaluator(config, data["inputs"], data["labels"], data["candidates"],
                                          batch_size=batch_size, placement=placement),

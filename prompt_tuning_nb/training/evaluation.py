@@ -23,6 +23,7 @@ from ..data.batches import trim_inputs
 from ..data.tasks import target_texts, text_format_of
 from ..family import family_of, with_prompt
 from ..formats.atomic import atomic_write_text
+from ..multihost import gather_rows, process_rows
 from ..prompts import select_prompts
 from .progress import progress_bar
 from .step import LossConfig, loss_fn
@@ -218,9 +219,13 @@ def classification_evaluator(config,  # the model
                              placement: Optional[Callable] = None,  # prompt placement; None for the default
                              ) -> Callable:
     "`evaluate(params) -> {accuracy, macro_f1[, auc]}` by rank classification."
+    shared = np.ndim(candidates) == 2
+    inputs, *own_candidates = process_rows([inputs_NxT] + ([] if shared else [candidates]))
+
     def evaluate(params):
-        scores = score_candidates(config, params, inputs_NxT, candidates, batch_size=batch_size, placement=placement)
-        return classification_metrics(scores, labels_N)
+        scores = score_candidates(config, params, inputs, candidates if shared else own_candidates[0],
+                                  batch_size=batch_size, placement=placement)
+        return classification_metrics(gather_rows(scores, len(inputs_NxT)), labels_N)
     return evaluate
 
 
@@ -233,9 +238,11 @@ def decoding_evaluator(config,  # the model
                        placement: Optional[Callable] = None,  # prompt placement; None for the default
                        ) -> Callable:
     "`evaluate(params) -> {exact_match}` by greedy decoding."
+    (inputs,) = process_rows([inputs_NxT])
+
     def evaluate(params):
-        predicted = decode(config, params, inputs_NxT, max_decode_length=max_decode_length, batch_size=batch_size,
-                           placement=placement)
+        predicted = gather_rows(decode(config, params, inputs, max_decode_length=max_decode_length,
+                                       batch_size=batch_size, placement=placement), len(inputs_NxT))
         ids = family_of(config).special_ids
         return {"exact_match": exact_match(predicted, targets_NxL, ids.eos)}
     return evaluate
@@ -256,8 +263,11 @@ def loss_evaluator(config,  # the model
         _, m = loss_fn(config, params, batch, LossConfig(z_loss=0.0), placement=placement)
         return m["cross_entropy"] * m["tokens"], m["accuracy"] * m["tokens"], m["tokens"]
 
+    own = prepared[jax.process_index()::jax.process_count()]  # this process's batches
+
     def evaluate(params):
-        totals = np.sum([np.asarray(jax.device_get(sums(params, b))) for b in prepared], axis=0)
+        totals = np.sum([np.zeros(3)] + [np.asarray(jax.device_get(sums(params, b))) for b in own], axis=0)
+        totals = gather_rows(totals[None], jax.process_count()).sum(axis=0)
         return {"cross_entropy": float(totals[0] / totals[2]), "token_accuracy": float(totals[1] / totals[2])}
     return evaluate
 
