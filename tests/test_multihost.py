@@ -15,7 +15,7 @@ import pytest
 
 CONFIGS = "prompt_tuning_nb/configs"
 REPO = Path(__file__).resolve().parents[1]
-STEPS, CHECKPOINT_EVERY, HEARTBEAT = 30, 5, 10
+STEPS, CHECKPOINT_EVERY, HEARTBEAT = 20, 5, 10
 PROMPT = "encoder.prompt.prompt.prompt"
 RUN_SECONDS = 600
 METRICS = ("accuracy", "macro_f1", "auc", "majority_accuracy", "examples")
