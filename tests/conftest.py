@@ -224,3 +224,57 @@ def check_model_tuning(score_prompt):
             correct = row["metrics"]["accuracy"] * len(labels)
             assert correct == pytest.approx(round(correct), abs=1e-6)  # a count of the evaluated examples
     return check
+
+
+# ----- Comparisons with transformers (tests/test_gguf.py, test_llama_exactness.py, test_gemma.py) -----
+
+TASK_TEXTS = {"rt_polarity": 10568, "trec": 5952}  # every text these two offline tasks are built from (before dedup)
+
+
+@pytest.fixture(scope="session")
+def task_texts() -> list:
+    "The cleaned texts of the two tasks' source files, as `data.corpora` reads them (their splits hold a subset)."
+    from prompt_tuning_nb.data.corpora import CORPORA
+
+    return [example.text for name in TASK_TEXTS for example in CORPORA[name].reader()]
+
+
+def assert_same_ids_on_texts(vocab, reference_tokenizer, texts: list):
+    "`vocab` encodes every text as the transformers tokenizer does (also through `encode_tf`) and decodes it back."
+    import tensorflow as tf
+
+    assert len(texts) == sum(TASK_TEXTS.values())
+    theirs = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    differ = [text for text, ids in zip(texts, theirs) if vocab.encode(text) != ids]
+    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[0]!r}"
+    for text, ids in zip(texts, theirs):
+        assert vocab.decode(ids) == text == reference_tokenizer.decode(ids, skip_special_tokens=True)
+    sample = texts[::100]
+    assert vocab.encode_tf(tf.constant(sample)).to_list() == [theirs[i] for i in range(0, len(texts), 100)]
+
+
+def relative_error(ours, reference) -> float:
+    "Largest absolute difference over the reference's largest magnitude, in float64."
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return np.abs(ours - reference).max() / np.abs(reference).max()
+
+
+def right_padded(rows, pad: int) -> tuple:
+    "`(tokens_BxT, lengths_B)` of lists of ids, padded after their end with `pad`."
+    lengths = np.array([len(row) for row in rows])
+    tokens = np.full((len(rows), lengths.max()), pad, np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    return tokens, lengths
+
+
+def valid_BxT(lengths_B, length: int) -> np.ndarray:
+    "True at each row's positions before its length."
+    return np.arange(length)[None, :] < lengths_B[:, None]
+
+
+def torch_long(x):
+    "A torch int64 tensor of `x` (token ids, masks)."
+    import torch
+
+    return torch.from_numpy(np.asarray(x, dtype=np.int64))

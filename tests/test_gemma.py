@@ -9,47 +9,24 @@ import json
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from prompt_tuning_nb import family, llama, llama_checkpoints
 from prompt_tuning_nb.data.bpe_vocab import gguf_vocabulary
-from prompt_tuning_nb.data.corpora import CORPORA
 from prompt_tuning_nb.data.sources import assembled_path
 from prompt_tuning_nb.formats.gguf import read_gguf
+
+from conftest import assert_same_ids_on_texts, relative_error, right_padded, torch_long, valid_BxT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TASKS = {"rt_polarity": 10568, "trec": 5952}  # every text these two offline tasks are built from (before dedup)
 PAD, BOS = 0, 2  # Gemma's padding and BOS (every sequence starts with it)
 PROMPT_LENGTH = 20
 DECODE_LENGTH = 8
 FLOAT32_TOLERANCE = 1e-5  # max relative error of the logits
 
 forward = jax.jit(llama.forward, static_argnums=0, static_argnames="placement")
-
-
-def relative_error(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return np.abs(ours - reference).max() / np.abs(reference).max()
-
-
-def right_padded(rows):
-    "`(tokens_BxT, lengths_B)` of lists of ids, padded after their end."
-    lengths = np.array([len(row) for row in rows])
-    tokens = np.full((len(rows), lengths.max()), PAD, np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, :len(row)] = row
-    return tokens, lengths
-
-
-def valid_BxT(lengths_B, length):
-    return np.arange(length)[None, :] < lengths_B[:, None]
-
-
-def torch_long(x):
-    return torch.from_numpy(np.asarray(x, dtype=np.int64))
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +60,9 @@ def gemma(gemma_path, gemma_file):
 
 
 @pytest.fixture(scope="module")
-def texts():
-    return [example.text for name in TASKS for example in CORPORA[name].reader()]
-
-
-@pytest.fixture(scope="module")
-def sentences(vocab, texts):
+def sentences(vocab, task_texts):
     "Four rt_polarity sentences of different lengths after BOS: `(tokens_BxT, lengths_B)`."
-    tokens, lengths = right_padded([[BOS, *vocab.encode(text)] for text in texts[:4]])
+    tokens, lengths = right_padded([[BOS, *vocab.encode(text)] for text in task_texts[:4]], PAD)
     assert len(set(lengths)) == 4
     return tokens, lengths
 
@@ -107,15 +79,8 @@ def test_vocabulary_is_transformers_tokenizer(vocab, reference_tokenizer):
     assert reference_tokenizer("a")["input_ids"][0] == BOS  # BOS first: the model code adds it, not encode
 
 
-def test_token_ids_equal_transformers_on_two_tasks(vocab, reference_tokenizer, texts):
-    assert len(texts) == sum(TASKS.values())
-    theirs = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    differ = [text for text, ids in zip(texts, theirs) if vocab.encode(text) != ids]
-    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[0]!r}"
-    for text, ids in zip(texts, theirs):
-        assert vocab.decode(ids) == text == reference_tokenizer.decode(ids, skip_special_tokens=True)
-    sample = texts[::100]
-    assert vocab.encode_tf(tf.constant(sample)).to_list() == [theirs[i] for i in range(0, len(texts), 100)]
+def test_token_ids_equal_transformers_on_two_tasks(vocab, reference_tokenizer, task_texts):
+    assert_same_ids_on_texts(vocab, reference_tokenizer, task_texts)
 
 
 def test_special_and_unseen_text_match_transformers(vocab, reference_tokenizer):
@@ -149,11 +114,11 @@ def test_logits_equal_transformers(gemma, sentences):
     assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
 
 
-def test_logits_past_the_sliding_window(gemma, vocab, texts):
+def test_logits_past_the_sliding_window(gemma, vocab, task_texts):
     "A row of 600 tokens: its local layers see 512 slots back, its global ones all; logits at positions on both sides."
     reference, config, params = gemma
     ids = [BOS]
-    for text in texts:
+    for text in task_texts:
         ids += vocab.encode(text + " ")
         if len(ids) >= 600:
             break
@@ -174,7 +139,7 @@ def test_greedy_decoding_equals_transformers_generate(gemma, sentences):
     "Ours on the padded batch, transformers row by row without padding."
     reference, config, params = gemma
     rows = [list(row[:n]) for row, n in zip(*sentences)]
-    tokens, lengths = right_padded(rows)
+    tokens, lengths = right_padded(rows, PAD)
     ours = np.asarray(jax.jit(llama.greedy_decode, static_argnums=(0, 4))(config, params, tokens, lengths,
                                                                           DECODE_LENGTH))
     theirs = []

@@ -13,14 +13,14 @@ import json
 import gguf
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from prompt_tuning_nb.data.bpe_vocab import gguf_vocabulary
-from prompt_tuning_nb.data.corpora import CORPORA
 from prompt_tuning_nb.data.sources import source_path
 from prompt_tuning_nb.formats.gguf import (llama_dims, llama_shapes, permute_rotary, read_gguf, unpermute_rotary,
                                            write_gguf)
 from prompt_tuning_nb.formats.tree import CheckpointError
+
+from conftest import assert_same_ids_on_texts
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,7 +29,6 @@ SMOLLM2 = "smollm2_135m_instruct"  # the key of `data.sources.FILES`
 HF_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-TASKS = {"rt_polarity": 10568, "trec": 5952}  # every text these two offline tasks are built from (before dedup)
 
 
 def hf_name(name: str) -> str:
@@ -69,12 +68,6 @@ def reference_tokenizer(smollm2_path):
 @pytest.fixture(scope="module")
 def vocab(smollm2_path, ours):
     return gguf_vocabulary(smollm2_path, ours.metadata)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    "The cleaned texts of the two tasks' source files, as `data.corpora` reads them (their splits hold a subset)."
-    return [example.text for name in TASKS for example in CORPORA[name].reader()]
 
 
 def test_every_tensor_equals_transformers(ours, reference_weights):
@@ -142,15 +135,8 @@ def test_tokenizer_is_transformers_tokenizer(vocab, reference_tokenizer):
         reference_tokenizer.eos_token, reference_tokenizer.pad_token, "<|im_start|>"]
 
 
-def test_token_ids_equal_transformers_on_two_tasks(vocab, reference_tokenizer, texts):
-    assert len(texts) == sum(TASKS.values())
-    theirs = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    differ = [text for text, ids in zip(texts, theirs) if vocab.encode(text) != ids]
-    assert not differ, f"{len(differ)} of {len(texts)} texts differ, e.g. {differ[0]!r}"
-    for text, ids in zip(texts, theirs):
-        assert vocab.decode(ids) == text == reference_tokenizer.decode(ids, skip_special_tokens=True)
-    sample = texts[::100]
-    assert vocab.encode_tf(tf.constant(sample)).to_list() == [theirs[i] for i in range(0, len(texts), 100)]
+def test_token_ids_equal_transformers_on_two_tasks(vocab, reference_tokenizer, task_texts):
+    assert_same_ids_on_texts(vocab, reference_tokenizer, task_texts)
 
 
 def test_control_tokens_match_transformers(vocab, reference_tokenizer):

