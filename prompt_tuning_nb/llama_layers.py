@@ -143,13 +143,14 @@ def _dense(config, features, name):
 
 
 class Attention(nn.Module):
-    "Grouped-query self-attention with rotary positions, optionally writing to and reading from a cache."
+    "Grouped-query self-attention with rotary positions, optionally writing to a cache or reading a context in front."
     config: LlamaConfig
     local: bool = False  # attend within the sliding window, with the local RoPE base
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS,  # True where a query step may see a key slot
-                 cache=None):  # `(keys, values)` `[B, S, K, E]` to write this step (T = 1) into, or None
+                 cache=None,  # `(keys, values)` `[B, S, K, E]` to write this step (T = 1) into, or None
+                 context=None):  # `(keys, values)` `[B, S, K, E]` of slots `0 .. S - 1` read before this step's own
         c = self.config
         batch, length, _ = x_BxTxD.shape
         heads = lambda x, *n: x.reshape(batch, length, *n, c.head_dim)
@@ -167,8 +168,14 @@ class Attention(nn.Module):
             here_BxSx1x1 = (jnp.arange(cache[0].shape[1]) == positions_BxT)[..., None, None]
             k_BxSxKxE = jnp.where(here_BxSx1x1, k_BxSxKxE, cache[0])
             v_BxSxKxE = jnp.where(here_BxSx1x1, v_BxSxKxE, cache[1])
+        key_slots_BxS = jnp.broadcast_to(jnp.arange(k_BxSxKxE.shape[1]), k_BxSxKxE.shape[:2])
+        if context is not None:
+            key_slots_BxS = jnp.concatenate([jnp.broadcast_to(jnp.arange(context[0].shape[1]), context[0].shape[:2]),
+                                             positions_BxT], axis=1)
+            k_BxSxKxE = jnp.concatenate([context[0], k_BxSxKxE], axis=1)
+            v_BxSxKxE = jnp.concatenate([context[1], v_BxSxKxE], axis=1)
         if self.local:  # slot s is visible from the query at slot t only while t - s < sliding_window
-            behind_BxTxS = positions_BxT[..., None] - jnp.arange(k_BxSxKxE.shape[1])
+            behind_BxTxS = positions_BxT[..., None] - key_slots_BxS[:, None, :]
             mask_BxTxS = mask_BxTxS & (behind_BxTxS < c.sliding_window)
         logits = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32)
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
@@ -199,11 +206,12 @@ class DecoderLayer(nn.Module):
     local: bool = False  # a sliding-window layer
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, deterministic: bool, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, deterministic: bool, cache=None, context=None):
         c = self.config
         dropout = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
         h = RMSNorm(c.rms_norm_eps, c.dtype, name="pre_self_attention_layer_norm")(x_BxTxD)
-        attended, keys_values = Attention(c, self.local, name="self_attention")(h, positions_BxT, mask_BxTxS, cache)
+        attended, keys_values = Attention(c, self.local, name="self_attention")(h, positions_BxT, mask_BxTxS, cache,
+                                                                                   context)
         if c.sandwich_norm:
             attended = RMSNorm(c.rms_norm_eps, c.dtype, name="post_self_attention_layer_norm")(attended)
         x_BxTxD = x_BxTxD + dropout(attended)
@@ -233,12 +241,14 @@ class Decoder(nn.Module):
         return self.prompt(embedded_BxTxD, tokens_BxT) if self.prompt_length else embedded_BxTxD
 
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, deterministic: bool = True,
-                 cache=None):  # `(keys, values)` of a `KVCache`, for one step (T = 1)
+                 cache=None,  # `(keys, values)` of a `KVCache`, for one step (T = 1)
+                 context=None):  # `(keys, values)` of a `KVCache` read in front of the steps, not written
         "Normalized outputs `[B, T, D]` and all keys and values `[B, layers, S, kv heads, head_dim]`."
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache[0][:, i], cache[1][:, i])
-            x_BxTxD, (k, v) = layer(x_BxTxD, positions_BxT, mask_BxTxS, deterministic, layer_cache)
+            of_layer = lambda pair: None if pair is None else (pair[0][:, i], pair[1][:, i])
+            x_BxTxD, (k, v) = layer(x_BxTxD, positions_BxT, mask_BxTxS, deterministic, of_layer(cache),
+                                    of_layer(context))
             keys.append(k)
             values.append(v)
         return self.decoder_norm(x_BxTxD), (jnp.stack(keys, axis=1), jnp.stack(values, axis=1))
@@ -258,7 +268,7 @@ class KVCache(NamedTuple):
 
 # %% ../nbs/03_llama_layers.ipynb #8e0228c1
 class Llama(nn.Module):
-    "A Llama-style decoder-only LM with an optional soft prompt: `forward`, `prefill` and `decode_step`."
+    "A Llama-style decoder-only LM with an optional soft prompt: `forward`, `prefill`, `decode_step` and `continuations`."
     config: LlamaConfig
     prompt_length: int = 0  # P; 0 means no prompt
     placement: Callable = prefix  # `prefix` or `prefix_after_bos`
@@ -309,3 +319,18 @@ class Llama(nn.Module):
                                                True, (cache.keys, cache.values))
         return (self.decoder.logits(y_Bx1xD[:, 0], self.token_embedder.embedding),
                 KVCache(keys, values, cache.positions + 1))
+
+    def continuations(self, cache: KVCache, tokens_BxCxL):
+        "Logits `[B, C, L, V]` of C continuations of each cached row, run side by side; the cache is only read."
+        batch, count, length = tokens_BxCxL.shape
+        slots_S = jnp.arange(cache.keys.shape[2])
+        positions_BxCxL = jnp.broadcast_to(cache.positions[:, None, None] + jnp.arange(length), tokens_BxCxL.shape)
+        positions_BxN = positions_BxCxL.reshape(batch, count * length)
+        row_seen_BxNxS = jnp.broadcast_to((slots_S < cache.positions[:, None])[:, None],
+                                          (batch, count * length, len(slots_S)))
+        which_N, step_N = jnp.repeat(jnp.arange(count), length), jnp.tile(jnp.arange(length), count)
+        own_NxN = (which_N[:, None] == which_N[None, :]) & (step_N[:, None] >= step_N[None, :])  # causal within each
+        mask_BxNxS = jnp.concatenate([row_seen_BxNxS, jnp.broadcast_to(own_NxN, (batch, *own_NxN.shape))], axis=2)
+        y_BxNxD, _ = self.decoder(self.embed(tokens_BxCxL.reshape(batch, count * length)), positions_BxN, mask_BxNxS,
+                                  True, context=(cache.keys, cache.values))
+        return self.decoder.logits(y_BxNxD, self.token_embedder.embedding).reshape(batch, count, length, -1)
