@@ -23,7 +23,7 @@ import optax
 
 from . import family, t5
 from .formats.t5x import load_t5x_checkpoint, save_t5x_checkpoint, t5x_checkpoint_folder
-from .formats.atomic import atomic_write_text
+from .formats.atomic import atomic_write_text, exclusive_lock
 from .data import FILES, cache_dir, default_vocabulary, span_corruption_lengths, task_batches
 from .training.loop import train
 from .training.optim import pretraining_rules
@@ -130,21 +130,8 @@ def zoo_folder(size: str,  # a miniature preset, e.g. "mini_s"
     return Path(root or cache_dir("zoo")) / f"{size}-{zoo_key(config, recipe)}"
 
 
-def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
-                     recipe: Optional[PretrainingRecipe] = None,  # default: `ZOO_RECIPES[size]`
-                     root=None,  # the zoo's folder; default `cache_dir('zoo')`
-                     progress: bool = True,  # tqdm bars while pretraining
-                     ) -> tuple:
-    "`(config, params, info)` of the pretrained miniature model, built (or resumed) on first use, then cached."
-    if size not in ZOO_RECIPES and recipe is None:
-        raise ValueError(f"no pretraining recipe for size {size!r}: expected one of {', '.join(ZOO_RECIPES)} "
-                         "(real sizes load a T5X checkpoint instead)")
-    recipe = recipe or ZOO_RECIPES[size]
-    config = t5.T5Config.from_preset(size)
-    folder = zoo_folder(size, recipe, root)
-    if (folder / "info.json").exists():
-        _, params = load_t5x_checkpoint(t5x_checkpoint_folder(folder), config)
-        return config, params, json.loads((folder / "info.json").read_text())
+def _pretrain(size: str, recipe: PretrainingRecipe, config: t5.T5Config, folder: Path, progress: bool):
+    "Run (or resume) every stage of `recipe` in `folder`, then write the final checkpoint and `info.json`."
     vocab = default_vocabulary()
     params = t5.init_params(config, jax.random.key(recipe.seed))
     rules = pretraining_rules(recipe.base_learning_rate, recipe.warmup_steps)
@@ -168,7 +155,25 @@ def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
     info = {"size": size, "parameters": family.num_params(config), "recipe": dataclasses.asdict(recipe), "stages": stages,
             "pretraining_minutes": round((time.time() - started) / 60, 2), "folder": str(folder)}
     _write_json(folder / "info.json", info)
-    return config, params, info
+
+
+def pretrained_model(size: str,  # a miniature preset, e.g. "mini_s"
+                     recipe: Optional[PretrainingRecipe] = None,  # default: `ZOO_RECIPES[size]`
+                     root=None,  # the zoo's folder; default `cache_dir('zoo')`
+                     progress: bool = True,  # tqdm bars while pretraining
+                     ) -> tuple:
+    "`(config, params, info)` of the pretrained miniature model, built (or resumed) on first use, then cached."
+    if size not in ZOO_RECIPES and recipe is None:
+        raise ValueError(f"no pretraining recipe for size {size!r}: expected one of {', '.join(ZOO_RECIPES)} "
+                         "(real sizes load a T5X checkpoint instead)")
+    recipe = recipe or ZOO_RECIPES[size]
+    config = t5.T5Config.from_preset(size)
+    folder = zoo_folder(size, recipe, root)
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")):  # another process may be pretraining it
+        if not (folder / "info.json").exists():
+            _pretrain(size, recipe, config, folder, progress)
+    _, params = load_t5x_checkpoint(t5x_checkpoint_folder(folder), config)
+    return config, params, json.loads((folder / "info.json").read_text())
 
 # %% ../nbs/25_zoo.ipynb #7752525b
 def main(argv=None,  # command-line arguments without the program name; None reads `sys.argv`

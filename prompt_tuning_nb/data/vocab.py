@@ -9,7 +9,6 @@ __all__ = ['T5_SPECIAL_IDS', 'T5_EXTRA_IDS', 'DEFAULT_VOCAB_SIZE', 'ASCII_CHARS'
 
 # %% ../../nbs/15c_vocab.ipynb #524c1ce0
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ import sentencepiece as spm
 
 from .corpora import news_articles, wikitext2
 from .sources import cache_dir
-from ..formats.atomic import atomic_write_bytes
+from ..formats.atomic import atomic_write_bytes, exclusive_lock
 
 # %% ../../nbs/15c_vocab.ipynb #e65a6716
 T5_SPECIAL_IDS = {"pad": 0, "eos": 1, "unk": 2}
@@ -108,8 +107,7 @@ def train_vocabulary(settings: VocabSettings = VocabSettings(),  # what to train
     path = folder / settings.cache_name
     if path.is_file():
         return path
-    with open(folder / f".{settings.cache_name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training the same model
+    with exclusive_lock(folder / f".{settings.cache_name}.lock"):  # another process may be training the same model
         if path.is_file():
             return path
         start = time.time()

@@ -251,10 +251,10 @@ def train(config: t5.T5Config,  # the model
 
     def save(state, finished, stopped_early):
         step = int(state.step)
+        if export_prompts and is_writer():  # first: a run killed in between redoes the step, export included
+            export_prompt(model_dir, step, config, host_tree(state.params))
         checkpoints.save(step, arrays_of(state), {**identity, **best.record(), "step": step, "finished": finished,
                                                   "stopped_early": stopped_early})
-        if export_prompts and is_writer():
-            export_prompt(model_dir, step, config, host_tree(state.params))
 
     def evaluate_now(state, bar):
         metrics = evaluate(host_tree(state.params))  # every process evaluates the whole parameters
