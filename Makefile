@@ -59,8 +59,10 @@ export-check:
 nbtest:
 	$(BIN)/nbdev_test --n_workers 2 --do_print --flags slow
 
+# Two workers, a test file each at a time (its module fixtures built once), the longest files first (tests/conftest.py):
+# most of a test's time is single-threaded (compiling, papermill and subprocess start-up), so two overlap well.
 pytest:
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -114,7 +114,7 @@ LADDER = ("mini_xs", "mini_s", "mini_m")  # the default miniature ladder: 1.3M t
 def default_sizes() -> tuple:
     "What `size=\"default\"` runs: SmolLM2-135M, and the miniature ladder too once its zoo models are all cached."
     cached = all((zoo_folder(size, ZOO_RECIPES[size]) / "info.json").is_file() for size in LADDER)
-    return (LADDER if cached else ()) + LM_SIZES
+    return (LADDER if cached else ()) + ("smollm2_135m",)
 
 # %% ../nbs/26_experiment.ipynb #c7a95feb
 def parse_names(value,  # a list or tuple of names, one name, or a comma-separated string
@@ -239,7 +239,7 @@ def load_task(name: str, vocab, settings: ScaleSettings) -> TaskData:
 
 # %% ../nbs/26_experiment.ipynb #eaa46901
 def _prompt_initializer(init, config, params, vocab, words):
-    table = np.asarray(family.embedding_of(config, params))
+    table = np.asarray(family.input_embeddings_of(config, params))  # Gemma's scaled rows: what its layers see
     if init == "class_label":
         return initializers.from_embedded_list(table, vocab, list(target_texts(words, text_format_of(vocab))))
     if init == "sampled_vocab":
@@ -300,7 +300,8 @@ def run_method(method: str,  # one of `SCALE_METHODS`
     if method in ("prompt_design", "few_shot"):
         text = instruction(data.name) if method == "prompt_design" else demonstrations(data.name, vocab, settings.shots, seed)
         prompt_ids = vocab.encode(text)
-        design = lambda split: (prepend_tokens(split[0], prompt_ids), split[1])
+        bos_id = vocab.bos_id if getattr(vocab, "add_bos", False) else None  # the text goes after Gemma's BOS
+        design = lambda split: (prepend_tokens(split[0], prompt_ids, bos_id), split[1])
         return {"validation": _evaluate(config, params, data, design(data.validation)),
                 "test": _evaluate(config, params, data, design(data.test)), "steps": 0, "trainable_params": 0}
     defaults = TRAINING_DEFAULTS[family.family_of(config).name]

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SpecialIds', 'ModelFamily', 'register_family', 'family_of', 'prompt_of', 'prompt_length_of', 'embedding_of',
-           'with_prompt', 'repeat_example_prompts', 'without_prompt', 'prompt_variable_name', 'num_params']
+           'input_embeddings_of', 'with_prompt', 'repeat_example_prompts', 'without_prompt', 'prompt_variable_name',
+           'num_params']
 
 # %% ../nbs/00a_family.ipynb #b17b396b
 import dataclasses
@@ -35,6 +36,7 @@ class ModelFamily(Protocol):
     peft_task_type: str  # PEFT's `task_type` of the model ("SEQ_2_SEQ_LM", "CAUSAL_LM")
     default_placement: Callable  # where a prompt goes unless told (`prompts.prefix`, ...)
     partition_rules: tuple  # `(regex, PartitionSpec)` pairs for the `('data', 'model')` mesh
+    input_scale: float  # what the token embeddings are multiplied by before the first layer (Gemma: sqrt(d_model))
 
     def init_params(self, rng: jax.Array, prompt_length: int = 0) -> dict:
         "A freshly initialized parameter tree (with a prompt of `prompt_length` rows when positive)."
@@ -120,6 +122,13 @@ def prompt_length_of(config, params: dict) -> int:
 def embedding_of(config, params: dict):
     "The `[V, D]` token embedding table of `params`."
     return _get(params, family_of(config).embedding_path)
+
+
+def input_embeddings_of(config, params: dict):
+    "The `[V, D]` vectors the model's first layer sees for each token (the table times the family's `input_scale`): where a prompt initialized from tokens starts."
+    table = embedding_of(config, params)
+    scale = family_of(config).input_scale
+    return table if scale == 1.0 else table * scale
 
 
 def with_prompt(config, params: dict,

@@ -61,15 +61,22 @@ def _save(family, path, params):
 
 @dataclasses.dataclass(frozen=True)
 class LlamaFamily:
-    "Llama-style causal LMs: the prompt goes in front of the tokens (PEFT's placement); inputs and targets are one sequence."
+    "Llama-style causal LMs: the prompt goes in front of the tokens (PEFT's placement), or after the BOS of a model whose sequences start with one (Gemma); inputs and targets are one sequence."
     config: LlamaConfig
     name = "llama"
     prompt_path = ("decoder", "prompt", "prompt", "prompt")
     embedding_path = ("token_embedder", "embedding")
     features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
     peft_task_type = "CAUSAL_LM"
-    default_placement = staticmethod(prefix)
     partition_rules = PARTITION_RULES
+
+    @property
+    def input_scale(self) -> float:
+        return self.config.d_model ** 0.5 if self.config.embedding_scale else 1.0
+
+    @property
+    def default_placement(self) -> Callable:
+        return prefix_after_bos if self.config.bos_first else prefix
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -82,15 +89,15 @@ class LlamaFamily:
         return causal_lm_batch(batch, self.config)
 
     def logits(self, params, batch, *, placement=None, dropout_rng=None):
-        return forward(self.config, params, batch["decoder_input_tokens"], placement=placement or prefix,
+        return forward(self.config, params, batch["decoder_input_tokens"], placement=placement or self.default_placement,
                        dropout_rng=dropout_rng, positions_BxK=batch.get("decoder_target_positions"))
 
     def score(self, params, inputs_BxT, candidates, *, placement=None):
-        return score_targets(self.config, params, inputs_BxT, candidates, placement=placement or prefix)
+        return score_targets(self.config, params, inputs_BxT, candidates, placement=placement or self.default_placement)
 
     def generate(self, params, inputs_BxT, max_length, *, placement=None, method="greedy", **options):
         return generate(self.config, params, inputs_BxT, continued_lengths(inputs_BxT, self.config.eos_id), max_length,
-                        placement=placement or prefix, method=method, **options)
+                        placement=placement or self.default_placement, method=method, **options)
 
     load_checkpoint = _checkpoint
     check_config = _check

@@ -81,11 +81,12 @@ def _to_params(config, read: Callable, names: dict, source: str) -> dict:
 
 # %% ../nbs/03c_llama_checkpoints.ipynb #541488d2
 def _gguf_special_ids(meta: dict) -> dict:
-    "The tokenizer's BOS, EOS and padding ids (padding defaults to EOS, as in SmolLM2)."
+    "The tokenizer's BOS, EOS and padding ids (padding defaults to EOS, as in SmolLM2), and whether BOS comes first."
     eos = int(meta.get("tokenizer.ggml.eos_token_id", 2))
     bos = meta.get("tokenizer.ggml.bos_token_id")
     return {"bos_id": None if bos is None else int(bos), "eos_id": eos,
-            "pad_id": int(meta.get("tokenizer.ggml.padding_token_id", eos))}
+            "pad_id": int(meta.get("tokenizer.ggml.padding_token_id", eos)),
+            "bos_first": bos is not None and bool(meta.get("tokenizer.ggml.add_bos_token", False))}
 
 
 GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_THETA = 6, 10000.0  # fixed by Gemma 3, not stored in its GGUF files

@@ -35,6 +35,7 @@ class LlamaConfig:
     bos_id: Optional[int] = 1  # beginning of sequence (SmolLM2: `<|im_start|>`); None when the vocabulary has none
     eos_id: int = 2  # end of sequence (SmolLM2: `<|im_end|>`)
     pad_id: int = 2  # what fills a row after its end (SmolLM2: EOS again)
+    bos_first: bool = False  # every sequence starts with BOS (Gemma: the tokenizer adds it); a prompt goes after it
     architecture: str = "llama"  # "llama" or "gemma3": how results and figures name the model's family
     activation: str = "silu"  # the gated MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
     embedding_scale: bool = False  # token embeddings times sqrt(d_model) before the layers (Gemma)
@@ -94,14 +95,14 @@ PRESETS = {
                          mlp_dim=1536, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_length=8192),
     "gemma3_270m": dict(vocab_size=262144, d_model=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
                         mlp_dim=2048, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_embeddings=True, max_length=32768,
-                        bos_id=2, eos_id=1, pad_id=0, architecture="gemma3", activation="gelu_tanh",
+                        bos_id=2, eos_id=1, pad_id=0, bos_first=True, architecture="gemma3", activation="gelu_tanh",
                         embedding_scale=True, qk_norm=True, sandwich_norm=True, query_pre_attn_scalar=256.0,
                         sliding_window=512, global_every=6, local_rope_theta=10000.0),
     "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_length=128),
     "tiny_gemma3": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=128,
                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_embeddings=True, max_length=128, bos_id=2, eos_id=1,
-                        pad_id=0, architecture="gemma3", activation="gelu_tanh", embedding_scale=True, qk_norm=True,
+                        pad_id=0, bos_first=True, architecture="gemma3", activation="gelu_tanh", embedding_scale=True, qk_norm=True,
                         sandwich_norm=True, query_pre_attn_scalar=24.0, sliding_window=4, global_every=2,
                         local_rope_theta=10000.0),
 }

@@ -100,6 +100,7 @@ class T5EncoderDecoder:
     peft_task_type = "SEQ_2_SEQ_LM"
     default_placement = staticmethod(prefix)
     partition_rules = PARTITION_RULES
+    input_scale = 1.0
 
     def init_params(self, rng, prompt_length=0):
         return init_params(self.config, rng, prompt_length)
@@ -141,6 +142,7 @@ class T5PrefixLM:
     peft_task_type = "CAUSAL_LM"
     default_placement = staticmethod(prefix_after_bos)
     partition_rules = PARTITION_RULES
+    input_scale = 1.0
 
     def init_params(self, rng, prompt_length=0):
         return init_params(self.config, rng, prompt_length)

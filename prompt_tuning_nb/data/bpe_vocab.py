@@ -136,13 +136,15 @@ class BPEVocabulary(seqio.Vocabulary):
         return text
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, BPEVocabulary) and (self._fingerprint, self._ids) == (other._fingerprint, other._ids)
+        return isinstance(other, BPEVocabulary) and (self._fingerprint, self._ids, self.add_bos) == \
+            (other._fingerprint, other._ids, other.add_bos)
 
     def __hash__(self) -> int:
-        return hash((self._fingerprint, tuple(self._ids.values())))
+        return hash((self._fingerprint, tuple(self._ids.values()), self.add_bos))
 
     def __repr__(self) -> str:
-        return f"BPEVocabulary({self.name}, {self.vocab_size} tokens, sha256 {self._fingerprint})"
+        bos_first = ", BOS first" if self.add_bos else ""
+        return f"BPEVocabulary({self.name}, {self.vocab_size} tokens, sha256 {self._fingerprint}{bos_first})"
 
 # %% ../../nbs/15g_bpe_vocab.ipynb #1742c1a5
 SENTENCEPIECE_ARCHITECTURES = ("gemma", "gemma2", "gemma3")  # `general.architecture` values built as Gemma's

@@ -98,14 +98,14 @@ def model_params(config,  # the gin MODEL; checked against the checkpoint's shap
 def checkpoint_embeddings(checkpoint_path: str | os.PathLike,  # INITIAL_CHECKPOINT_PATH
                           variable_path: str = "token_embedder/embedding",  # the table's T5X name
                           ) -> np.ndarray:
-    "The `[V, H]` embedding table: one variable of a T5X checkpoint, else the table of what `read_checkpoint` reads."
+    "The `[V, H]` embedding table: one variable of a T5X checkpoint, else the rows the first layer sees (`family.input_embeddings_of`) of what `read_checkpoint` reads."
     text = os.fspath(checkpoint_path)
     local = Path(text).expanduser()
     folder = text if "://" in text else t5x_checkpoint_folder(local) if local.is_dir() else None
     if folder is not None:
         return t5x_load(folder, variable_path)
     config, params, _ = read_checkpoint(local)
-    return np.asarray(family.embedding_of(config, params))
+    return np.asarray(family.input_embeddings_of(config, params))
 
 
 def class_label_texts(words,  # CLASS_LABELS: the task's label words

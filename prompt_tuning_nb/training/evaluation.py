@@ -274,13 +274,20 @@ def loss_evaluator(config,  # the model
 # %% ../../nbs/20b_evaluation.ipynb #88911d35
 def prepend_tokens(inputs_NxT: np.ndarray,  # encoder input tokens, padded with 0 at the end
                    prompt_ids: Sequence[int],  # the text prompt's token ids (no EOS)
+                   bos_id: Optional[int] = None,  # the BOS every row starts with, kept first (Gemma); None: no BOS
                    ) -> np.ndarray:
-    "Inputs `[N, K + T]` with the K prompt tokens first."
+    "Inputs `[N, K + T]` with the K prompt tokens first (after the BOS)."
     prompt_ids = np.asarray(prompt_ids, np.int32)
     if prompt_ids.ndim != 1 or np.any(prompt_ids <= 0):
         raise ValueError(f"prompt_ids must be a 1-D list of non-padding token ids, got {prompt_ids.tolist()}")
     inputs_NxT = np.asarray(inputs_NxT, np.int32)
-    return np.concatenate([np.broadcast_to(prompt_ids, (len(inputs_NxT), len(prompt_ids))), inputs_NxT], axis=1)
+    prompts_NxK = np.broadcast_to(prompt_ids, (len(inputs_NxT), len(prompt_ids)))
+    if bos_id is None:
+        return np.concatenate([prompts_NxK, inputs_NxT], axis=1)
+    if not np.all(inputs_NxT[:, :1] == bos_id):
+        raise ValueError(f"inputs must all start with bos_id={bos_id} (the model's BOS); got first tokens "
+                         f"{sorted(set(inputs_NxT[:, 0].tolist()))[:5]}")
+    return np.concatenate([inputs_NxT[:, :1], prompts_NxK, inputs_NxT[:, 1:]], axis=1)
 
 # %% ../../nbs/20b_evaluation.ipynb #f7ab1f7c
 def predict(config,  # the model
