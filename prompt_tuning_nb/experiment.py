@@ -43,6 +43,7 @@ TRAINING_DEFAULTS = {  # family -> what training uses unless a parameter says ot
     "llama": {"dropout_rate": 0.0, "learning_rate": 0.1, "model_learning_rate": 1e-3},
 }
 TRAINING_DEFAULTS["t5_prefix_lm"] = TRAINING_DEFAULTS["t5_1_1"]
+TRAINING_DEFAULTS["gemma3"] = TRAINING_DEFAULTS["llama"]  # Gemma 3, a variant of the Llama code: SmolLM2's until measured
 DEFAULT_CHECKPOINT = "gs://t5-data/pretrained_models/t5x/t5_1_1_lm100k_{size}/checkpoint_1100000"
 T5_VOCABULARY = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 

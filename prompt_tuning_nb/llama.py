@@ -63,12 +63,15 @@ def _save(family, path, params):
 class LlamaFamily:
     "Llama-style causal LMs: the prompt goes in front of the tokens (PEFT's placement), or after the BOS of a model whose sequences start with one (Gemma); inputs and targets are one sequence."
     config: LlamaConfig
-    name = "llama"
     prompt_path = ("decoder", "prompt", "prompt", "prompt")
     embedding_path = ("token_embedder", "embedding")
     features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
     peft_task_type = "CAUSAL_LM"
     partition_rules = PARTITION_RULES
+
+    @property
+    def name(self) -> str:
+        return self.config.architecture  # "llama", or "gemma3": results and figures tell the two apart
 
     @property
     def input_scale(self) -> float:

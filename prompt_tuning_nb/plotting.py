@@ -73,8 +73,8 @@ def spread_bars(points: Mapping,  # one line of `analysis.score_lines`
 # %% ../nbs/50b_plotting.ipynb #e3db9d78
 COLORS = {"model_tuning": "C1", "prompt_tuning": "C0", "prompt_design": "C2", "few_shot": "C8", "spot_mixture": "C4",
           "spot_retrieved": "C3"}
-FAMILY_MARKERS = {"t5": "o", "llama": "s"}  # the model family of a line (`family.name`, T5's two as one), by marker
-FAMILY_NAMES = {"t5": "T5 1.1", "llama": "Llama"}
+FAMILY_MARKERS = {"t5": "o", "llama": "s", "gemma3": "D"}  # the model family of a line (`family.name`, T5's two as one), by marker
+FAMILY_NAMES = {"t5": "T5 1.1", "llama": "Llama", "gemma3": "Gemma 3"}
 
 
 def family_group(family_name: Optional[str]) -> str:

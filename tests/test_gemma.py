@@ -226,11 +226,17 @@ def test_zero_shot_rank_classification_equals_transformers(gemma, vocab, referen
     words = [reference_tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in data.label_words]
     rows = [ids + word for ids in prefixes for word in words]
     tokens, lengths = right_padded(rows, PAD)
+    scored = [(r, len(prefixes[r // len(words)]) - 1 + j, t) for r, row in enumerate(rows)
+              for j, t in enumerate(words[r % len(words)])]  # (row, position, label token): only these logits
+    assert reference.config.final_logit_softcapping is None  # so the logits are the output layer's, nothing after
     with torch.no_grad():
-        log_p = torch.log_softmax(reference(input_ids=torch_long(tokens),
-                                            attention_mask=torch_long(valid_BxT(lengths, tokens.shape[1]))).logits, -1)
-    theirs = np.array([[sum(float(log_p[i * len(words) + c, len(ids) - 1 + j, t]) for j, t in enumerate(word))
-                        for c, word in enumerate(words)] for i, ids in enumerate(prefixes)])
+        hidden = reference.model(input_ids=torch_long(tokens),
+                                 attention_mask=torch_long(valid_BxT(lengths, tokens.shape[1]))).last_hidden_state
+        log_p = torch.log_softmax(reference.lm_head(hidden[[r for r, _, _ in scored], [p for _, p, _ in scored]]), -1)
+    token_log_p = log_p[torch.arange(len(scored)), [t for _, _, t in scored]].numpy()
+    theirs = np.zeros((len(prefixes), len(words)))
+    for (r, _, _), value in zip(scored, token_log_p):
+        theirs[r // len(words), r % len(words)] += value
     print(f"zero-shot accuracy on {ZERO_SHOT_EXAMPLES} examples: ours {np.mean(ours.argmax(1) == labels):.3f}, "
           f"transformers {np.mean(theirs.argmax(1) == labels):.3f}")
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
