@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from . import family, initializers, t5
+from .data.tasks import inputs_bos_id
 from .data import (cache_dir, label_words, target_texts, task_arrays, task_batches, task_examples,
                                    task_info, text_format_of)
 from .data.batches import length_grouped
@@ -301,8 +302,7 @@ def run_method(method: str,  # one of `SCALE_METHODS`
     if method in ("prompt_design", "few_shot"):
         text = instruction(data.name) if method == "prompt_design" else demonstrations(data.name, vocab, settings.shots, seed)
         prompt_ids = vocab.encode(text)
-        bos_id = vocab.bos_id if getattr(vocab, "add_bos", False) else None  # the text goes after Gemma's BOS
-        design = lambda split: (prepend_tokens(split[0], prompt_ids, bos_id), split[1])
+        design = lambda split: (prepend_tokens(split[0], prompt_ids, inputs_bos_id(vocab)), split[1])  # after a BOS
         return {"validation": _evaluate(config, params, data, design(data.validation)),
                 "test": _evaluate(config, params, data, design(data.test)), "steps": 0, "trainable_params": 0}
     defaults = TRAINING_DEFAULTS[family.family_of(config).name]

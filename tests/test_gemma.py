@@ -161,7 +161,7 @@ def test_greedy_decoding_equals_transformers_generate(gemma, sentences):
 
 def _prompt(config, params) -> np.ndarray:
     "A prompt of scaled token embeddings plus noise, as large as what the model sees."
-    embedding = np.asarray(params["token_embedder"]["embedding"]) * config.d_model ** 0.5
+    embedding = np.asarray(family.input_embeddings_of(config, params))
     rng = np.random.default_rng(0)
     prompt_PxD = embedding[rng.choice(config.vocab_size, PROMPT_LENGTH, replace=False)]
     return (prompt_PxD + rng.normal(0, 0.02, prompt_PxD.shape)).astype(np.float32)

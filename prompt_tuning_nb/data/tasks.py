@@ -6,7 +6,7 @@
 __all__ = ['TASKS', 'TEXT_FORMATS', 'CLASSIFICATION_MIXTURE', 'CLASSIFICATION_TASKS', 'BENCHMARKS', 'BENCHMARK_TASKS', 'accuracy',
            'label_macro_f1', 'f1_of', 'TaskInfo', 'register_task', 'task_info', 'get_task', 'label_words',
            'text_format_of', 'target_texts', 'to_task_text', 'format_example', 't5_output_features',
-           'strip_postprocessor', 'prepend_bos', 'task_preprocessors', 'build_corpus_task',
+           'strip_postprocessor', 'prepend_bos', 'inputs_bos_id', 'task_preprocessors', 'build_corpus_task',
            'register_classification_tasks', 'register_classification_task', 'Benchmark', 'register_benchmark_tasks']
 
 # %% ../../nbs/15d_tasks.ipynb #82d1bfbf
@@ -217,6 +217,11 @@ def prepend_bos(dataset: tf.data.Dataset,  # tokenized examples
     return dataset.map(first, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def inputs_bos_id(vocab: seqio.Vocabulary) -> Optional[int]:
+    "The BOS a task's inputs start with for `vocab` (its model expects one first: Gemma's `add_bos_token`), or None."
+    return vocab.bos_id if getattr(vocab, "add_bos", False) else None
+
+
 def task_preprocessors(name: str,  # a registered classification or benchmark task
                        vocab: seqio.Vocabulary,  # the vocabulary the task is built for
                        ) -> list:
@@ -224,7 +229,7 @@ def task_preprocessors(name: str,  # a registered classification or benchmark ta
     info = task_info(name)
     text = functools.partial(to_task_text, prefix=info.prefix, fields=info.fields, label_words=info.label_words,
                              text_format=text_format_of(vocab), answer=info.answer)
-    bos = [prepend_bos] if getattr(vocab, "add_bos", False) else []  # Gemma: `tokenizer.ggml.add_bos_token`
+    bos = [] if inputs_bos_id(vocab) is None else [prepend_bos]
     return [text, seqio.preprocessors.tokenize, *bos, seqio.CacheDatasetPlaceholder(),
             seqio.preprocessors.append_eos_after_trim]
 
